@@ -1,0 +1,54 @@
+/**
+ * The safe libc API: the only way the rest of mpq reaches the kernel.
+ * No pointer and no raw fd number leaves this folder except through `unsafe…` names.
+ * @module
+ */
+export { Errno, ErrnoError, errnoName } from "./errno.ts";
+export { listOpenFds, OpenFlags, openPath, OwnedFd, ownedFdCount } from "./fd.ts";
+export {
+  adoptListener,
+  connectUnix,
+  type ListenOptions,
+  listenUnix,
+  MAX_FDS_PER_MESSAGE,
+  type Received,
+  type SocketOptions,
+  socketPair,
+  UnixListener,
+  UnixSocket,
+  unlinkPath,
+} from "./socket.ts";
+export {
+  fstat,
+  ftruncate,
+  type MapOptions,
+  MappedRegion,
+  mapShared,
+  memfdCreate,
+  mkstempIn,
+  ShmFlags,
+  shmOpen,
+  shmUnlink,
+} from "./memory.ts";
+export { EventFd } from "./eventfd.ts";
+export {
+  type Interest,
+  Reactor,
+  type ReactorOptions,
+  type ReactorSignal,
+  type Readiness,
+  type Watch,
+} from "./epoll.ts";
+export {
+  execve,
+  getpid,
+  getppid,
+  getRandom,
+  kill,
+  raiseNoFileLimit,
+  setParentDeathSignal,
+  setsid,
+  Signal,
+  signalName,
+} from "./process.ts";
+export { ChildProcess, type ExitStatus, resolveExecutable, spawn, type SpawnOptions } from "./spawn.ts";

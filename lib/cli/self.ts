@@ -1,0 +1,23 @@
+/**
+ * How to run mpq itself again (daemonizing, children such as `mpq vhost` under orchestrate).
+ * @module
+ */
+
+/**
+ * The argv prefix that starts this same mpq: the single-file launcher sets MPQ_SELF; a
+ * `deno compile` binary is its own executable; from source it is `deno run -A main.ts`.
+ * @example
+ * const [exe, ...pre] = selfCommand(); spawn(exe, [exe, ...pre, "ivshmem", "-F"]);
+ */
+export function selfCommand(): string[] {
+  const launcher = Deno.env.get("MPQ_SELF");
+  if (launcher) return [launcher];
+  const main = new URL("../../main.ts", import.meta.url);
+  if (main.protocol === "file:") {
+    try {
+      Deno.statSync(main);
+      return [Deno.execPath(), "run", "-A", "--quiet", main.pathname];
+    } catch { /* bundled or compiled: fall through */ }
+  }
+  return [Deno.execPath()];
+}

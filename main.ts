@@ -1,0 +1,57 @@
+/**
+ * mpq: host-side plumbing for disaggregated QEMU devices. Subcommand dispatch only.
+ * @module
+ */
+import { ErrnoError } from "./ffi/mod.ts";
+import { InputError, UsageError } from "./lib/cli/errors.ts";
+import { VERSION } from "./lib/version.ts";
+
+type Command = { summary: string; main: (args: string[]) => Promise<number> };
+
+/** Subcommands; each module's main returns the exit code. */
+const COMMANDS: Record<string, Command> = {};
+
+const USAGE = `mpq ${VERSION}: host-side plumbing for disaggregated QEMU devices
+
+Usage: mpq <command> [options]
+
+Commands:
+${Object.entries(COMMANDS).map(([n, c]) => `  ${n.padEnd(12)} ${c.summary}`).join("\n")}
+
+  mpq <command> --help   options of one command
+  mpq --version          print the version
+`;
+
+async function main(args: string[]): Promise<number> {
+  const [cmd, ...rest] = args;
+  if (cmd === undefined || cmd === "-h" || cmd === "--help" || cmd === "help") {
+    console.log(USAGE);
+    return cmd === undefined ? 1 : 0;
+  }
+  if (cmd === "--version" || cmd === "-V") {
+    console.log(`mpq ${VERSION}`);
+    return 0;
+  }
+  const command = COMMANDS[cmd];
+  if (!command) {
+    console.error(`mpq: unknown command '${cmd}'\n`);
+    console.error(USAGE);
+    return 1;
+  }
+  try {
+    return await command.main(rest);
+  } catch (e) {
+    if (e instanceof UsageError) {
+      console.error(`mpq ${cmd}: ${e.message}`);
+      if (e.usage) console.error(`\n${e.usage}`);
+      return 1;
+    }
+    if (e instanceof InputError || e instanceof ErrnoError) {
+      console.error(`mpq ${cmd}: ${e.message}`);
+      return 1;
+    }
+    throw e;
+  }
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));
