@@ -31,6 +31,8 @@ export {
   shmUnlink,
 } from "./memory.ts";
 export { EventFd } from "./eventfd.ts";
+export { IOV_MAX, IoVecs } from "./iovec.ts";
+export { deviceSize, fdatasync, preadv, punchHole, pwritev, zeroRange } from "./file.ts";
 export {
   type Interest,
   Reactor,
