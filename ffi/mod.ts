@@ -32,6 +32,13 @@ export {
 } from "./memory.ts";
 export { EventFd } from "./eventfd.ts";
 export { IOV_MAX, IoVecs } from "./iovec.ts";
+export {
+  type CompletionHandler,
+  IoUring,
+  type IoUringOptions,
+  type IoUringProbe,
+  probeIoUring,
+} from "./io_uring.ts";
 export { deviceSize, fdatasync, preadv, punchHole, pwritev, zeroRange } from "./file.ts";
 export {
   type Interest,
