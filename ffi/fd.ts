@@ -140,7 +140,16 @@ export const OpenFlags = {
 
 /** The fd numbers open in this process, from /proc/self/fd (for tests and leak checks). */
 export function listOpenFds(): number[] {
-  const out: number[] = [];
-  for (const e of Deno.readDirSync("/proc/self/fd")) out.push(Number(e.name));
+  const names: number[] = [];
+  for (const e of Deno.readDirSync("/proc/self/fd")) names.push(Number(e.name));
+  // The directory listing itself used an fd that is closed by now: keep only fds still open.
+  const out = names.filter((n) => {
+    try {
+      Deno.readLinkSync(`/proc/self/fd/${n}`);
+      return true;
+    } catch {
+      return false;
+    }
+  });
   return out.sort((a, b) => a - b);
 }
