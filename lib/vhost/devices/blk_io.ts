@@ -4,7 +4,16 @@
  * one system call (io_uring) instead of one per request.
  * @module
  */
-import { fdatasync, IoVecs, type OwnedFd, preadv, pwritev } from "../../../ffi/mod.ts";
+import {
+  fdatasync,
+  IoVecs,
+  type OwnedFd,
+  preadv,
+  probeIoUring,
+  pwritev,
+  type Reactor,
+} from "../../../ffi/mod.ts";
+import { UringEngine } from "./blk_uring.ts";
 
 /** One queued operation. `iov` must stay untouched until `done` runs. */
 export interface BlkIoRequest {
@@ -89,4 +98,43 @@ export class SyncEngine implements BlkIoEngine {
 
 function tail(iov: IoVecs, skip: number): IoVecs {
   return iov.slice(skip);
+}
+
+/** Which engine createEngine() builds: "auto" is io_uring when it works here, else preadv. */
+export type EngineKind = "auto" | "uring" | "preadv";
+
+/** Options for createEngine(). */
+export interface CreateEngineOptions {
+  /** Default "auto". */
+  engine?: EngineKind;
+  /** io_uring: requests in flight at once (default 128). */
+  depth?: number;
+}
+
+/**
+ * Builds the block I/O engine for `file`. "auto" probes io_uring once (a NOP through a small ring)
+ * and falls back to the preadv engine when the kernel refuses it (ENOSYS, EPERM from sysctl or
+ * seccomp); "uring" throws when io_uring does not work, naming why.
+ * @example
+ * const engine = createEngine(file, reactor, { engine: "auto" });
+ * console.log(engine.name); // "io_uring" or "preadv"
+ */
+export function createEngine(
+  file: OwnedFd,
+  reactor: Reactor,
+  options: CreateEngineOptions = {},
+): BlkIoEngine {
+  const kind = options.engine ?? "auto";
+  if (kind === "preadv") return new SyncEngine(file);
+  if (kind !== "auto" && kind !== "uring") {
+    throw new RangeError(`block I/O engine must be auto, uring or preadv: got ${JSON.stringify(kind)}`);
+  }
+  const probe = probeIoUring();
+  if (!probe.ok) {
+    if (kind === "uring") {
+      throw new Error(`io_uring engine requested but io_uring does not work here: ${probe.reason}`);
+    }
+    return new SyncEngine(file);
+  }
+  return new UringEngine(file, reactor, { depth: options.depth });
 }
