@@ -5,11 +5,14 @@
 import { ErrnoError } from "./ffi/mod.ts";
 import { InputError, UsageError } from "./lib/cli/errors.ts";
 import { VERSION } from "./lib/version.ts";
+import { main as ivshmemMain } from "./lib/ivshmem/mod.ts";
 
 type Command = { summary: string; main: (args: string[]) => Promise<number> };
 
 /** Subcommands; each module's main returns the exit code. */
-const COMMANDS: Record<string, Command> = {};
+const COMMANDS: Record<string, Command> = {
+  ivshmem: { summary: "ivshmem server (drop-in for contrib ivshmem-server) and client", main: ivshmemMain },
+};
 
 const USAGE = `mpq ${VERSION}: host-side plumbing for disaggregated QEMU devices
 

@@ -1,0 +1,528 @@
+/**
+ * The ivshmem server: shared memory plus a UNIX socket; every peer gets the shm fd and
+ * `vectors` eventfds, and learns every other peer's eventfds (protocol.ts has the order).
+ *
+ * Unlike contrib ivshmem-server it never drops a message: sends are nonblocking and what the
+ * socket does not take waits in a per-peer queue that EPOLLOUT flushes. A peer that stops
+ * reading is disconnected once its queue passes a bound, so it never stalls the others, and a
+ * failure while setting up one peer closes that connection only.
+ * @module
+ */
+import {
+  type ErrnoError,
+  EventFd,
+  fstat,
+  ftruncate,
+  listenUnix,
+  mkstempIn,
+  type OwnedFd,
+  type Reactor,
+  type Readiness,
+  ShmFlags,
+  shmOpen,
+  shmUnlink,
+  type UnixListener,
+  type UnixSocket,
+  unlinkPath,
+  type Watch,
+} from "../../ffi/mod.ts";
+import {
+  encodeMessage,
+  joinPlan,
+  leavePlan,
+  MAX_VECTORS,
+  MESSAGE_SIZE,
+  PeerIdAllocator,
+  type PlannedMessage,
+  roundUpPowerOfTwo,
+} from "./protocol.ts";
+
+/** Where the shared memory comes from: a POSIX shm object (`-M`) or a file in a directory (`-m`). */
+export type ShmSource = { name: string } | { dir: string };
+
+/** Options for IvshmemServer.open. */
+export interface ServerOptions {
+  /** The UNIX socket path to listen on. */
+  socketPath: string;
+  /** The shared memory backing. */
+  shm: ShmSource;
+  /** Requested size in bytes; rounded up to a power of two. */
+  size: number;
+  /** Interrupt vectors per peer (1..64). */
+  vectors: number;
+  /** File mode of the socket (default 0o600). */
+  mode?: number;
+  /** Debug lines (verbose mode). */
+  log?: (line: string) => void;
+  /**
+   * Most messages queued for one peer before it is disconnected as not reading. Default:
+   * 4096 + 2 × vectors × peers (a joining peer legitimately gets vectors × peers at once).
+   */
+  queueLimit?: number;
+}
+
+/** Counters for logs, tests and the benchmark. */
+export interface ServerStats {
+  /** Peers connected now. */
+  peers: number;
+  /** Peers that completed their join. */
+  joined: number;
+  /** Peers that left or were disconnected. */
+  left: number;
+  /** Peers disconnected because their queue passed the bound. */
+  slow: number;
+  /** Connections closed because setting them up failed. */
+  setupFailures: number;
+  /** Messages that went through a queue instead of straight out. */
+  queued: number;
+  /** Largest queue seen. */
+  maxQueue: number;
+}
+
+/** The largest size contrib ivshmem-server tries when a hugetlbfs refuses smaller ones. */
+const MAX_HUGEPAGE_SIZE = 2 ** 30;
+const ACCEPTS_PER_TURN = 64;
+const ACCEPT_PAUSE_MS = 100;
+
+/** Eventfds of one peer, closed when the peer is gone and no queued message still carries one. */
+class VectorSet {
+  readonly fds: EventFd[];
+  #refs = 1;
+  constructor(fds: EventFd[]) {
+    this.fds = fds;
+  }
+  hold(): void {
+    this.#refs++;
+  }
+  release(): void {
+    if (--this.#refs === 0) { for (const f of this.fds) f.close(); }
+  }
+}
+
+interface Outgoing {
+  bytes: Uint8Array<ArrayBuffer>;
+  fd: OwnedFd | null;
+  hold: VectorSet | null;
+}
+
+interface Peer {
+  id: number;
+  sock: UnixSocket;
+  watch: Watch | null;
+  vectors: VectorSet;
+  queue: Outgoing[];
+  head: number;
+  writing: boolean;
+  /** Set when it is being dropped: nothing more is sent to it. */
+  gone: boolean;
+}
+
+/** A failure inside one peer's callback: the reactor's onError drops that peer. */
+export class PeerFailure extends Error {
+  readonly peerId: number;
+  constructor(peerId: number, cause: unknown) {
+    super(`peer ${peerId}: ${cause instanceof Error ? cause.message : String(cause)}`, { cause });
+    this.name = "PeerFailure";
+    this.peerId = peerId;
+  }
+}
+
+function isErrno(e: unknown, ...codes: string[]): e is ErrnoError {
+  return e instanceof Error && e.name === "ErrnoError" && codes.includes((e as ErrnoError).code);
+}
+
+/**
+ * Opens the shared memory and sizes it to the next power of two (doubling on a hugetlbfs that
+ * refuses, up to 1 GiB, as contrib ivshmem-server does). Returns the fd and the final size.
+ * @example
+ * const { fd, size } = openSharedMemory({ name: "ivshmem" }, 3 << 20); // size 4 MiB
+ */
+export function openSharedMemory(source: ShmSource, requested: number): { fd: OwnedFd; size: number } {
+  let fd: OwnedFd;
+  if ("name" in source) {
+    fd = shmOpen(source.name, ShmFlags.O_CREAT | ShmFlags.O_RDWR, 0o600);
+  } else {
+    const made = mkstempIn(source.dir, "ivshmem.");
+    fd = made.fd;
+    try {
+      unlinkPath(made.path);
+    } catch (e) {
+      fd.close();
+      throw e;
+    }
+  }
+  try {
+    let size = roundUpPowerOfTwo(requested);
+    if (fstat(fd).size === size) return { fd, size };
+    while (true) {
+      try {
+        ftruncate(fd, size);
+        return { fd, size };
+      } catch (e) {
+        if (!isErrno(e, "EINVAL") || size * 2 > Math.max(MAX_HUGEPAGE_SIZE, size)) throw e;
+        size *= 2;
+      }
+    }
+  } catch (e) {
+    fd.close();
+    throw e;
+  }
+}
+
+/**
+ * @example
+ * const reactor = new Reactor({ onError: (e) => server.handleError(e) });
+ * const server = IvshmemServer.open(reactor, { socketPath: "/tmp/iv", shm: { name: "iv" }, size: 4 << 20, vectors: 1 });
+ * reactor.onSignal("SIGTERM", () => { server.close(); reactor.stop(); });
+ * await reactor.run();
+ */
+export class IvshmemServer {
+  /** The shared memory size after rounding. */
+  readonly size: number;
+  readonly vectors: number;
+  readonly socketPath: string;
+  readonly #reactor: Reactor;
+  readonly #listener: UnixListener;
+  readonly #listenWatch: Watch;
+  readonly #shm: OwnedFd;
+  readonly #shmName: string | null;
+  readonly #log: (line: string) => void;
+  readonly #queueLimit: number | undefined;
+  readonly #ids = new PeerIdAllocator();
+  /** Connected peers in join order. */
+  readonly #peers = new Map<number, Peer>();
+  readonly #drops: Peer[] = [];
+  #dropping = false;
+  #pauseTimer: ReturnType<typeof setTimeout> | undefined;
+  #closed = false;
+  readonly #stats: ServerStats = {
+    peers: 0,
+    joined: 0,
+    left: 0,
+    slow: 0,
+    setupFailures: 0,
+    queued: 0,
+    maxQueue: 0,
+  };
+
+  private constructor(
+    reactor: Reactor,
+    options: ServerOptions,
+    shm: { fd: OwnedFd; size: number },
+    listener: UnixListener,
+  ) {
+    this.#reactor = reactor;
+    this.size = shm.size;
+    this.#shm = shm.fd;
+    this.#shmName = "name" in options.shm ? options.shm.name : null;
+    this.vectors = options.vectors;
+    this.socketPath = options.socketPath;
+    this.#log = options.log ?? (() => {});
+    this.#queueLimit = options.queueLimit;
+    this.#listener = listener;
+    this.#listenWatch = reactor.add(listener.fd, { readable: true }, () => this.#onAccept());
+  }
+
+  /**
+   * Creates the shared memory, listens on the socket and registers with `reactor`. Errors name
+   * the path or shm name and the errno; nothing is left behind when it throws.
+   */
+  static open(reactor: Reactor, options: ServerOptions): IvshmemServer {
+    if (!Number.isInteger(options.vectors) || options.vectors < 1 || options.vectors > MAX_VECTORS) {
+      throw new RangeError(`vectors must be 1..${MAX_VECTORS}: got ${options.vectors}`);
+    }
+    const shm = openSharedMemory(options.shm, options.size);
+    let listener: UnixListener;
+    try {
+      listener = listenUnix(options.socketPath, { mode: options.mode ?? 0o600, backlog: 128, maxFds: 1 });
+    } catch (e) {
+      shm.fd.close();
+      if ("name" in options.shm) shmUnlink(options.shm.name);
+      throw e;
+    }
+    try {
+      return new IvshmemServer(reactor, options, shm, listener);
+    } catch (e) {
+      listener.close();
+      shm.fd.close();
+      if ("name" in options.shm) shmUnlink(options.shm.name);
+      throw e;
+    }
+  }
+
+  /** Counters so far. */
+  get stats(): Readonly<ServerStats> {
+    return { ...this.#stats, peers: this.#peers.size };
+  }
+
+  /** Ids of the connected peers in join order. */
+  peerIds(): number[] {
+    return [...this.#peers.keys()];
+  }
+
+  /**
+   * For the reactor's onError: a PeerFailure drops that peer; anything else is logged.
+   * The server keeps serving either way.
+   */
+  handleError(error: unknown): void {
+    if (error instanceof PeerFailure) {
+      this.#log(`${error.message}; disconnecting it`);
+      const peer = this.#peers.get(error.peerId);
+      if (peer) this.#drop(peer);
+      return;
+    }
+    this.#log(`error: ${error instanceof Error ? error.message : String(error)}`);
+  }
+
+  #onAccept(): void {
+    for (let i = 0; i < ACCEPTS_PER_TURN && !this.#closed; i++) {
+      let sock: UnixSocket | null;
+      try {
+        sock = this.#listener.accept();
+      } catch (e) {
+        this.#log(`cannot accept: ${e instanceof Error ? e.message : e}`);
+        if (isErrno(e, "EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")) this.#pauseAccepting();
+        return;
+      }
+      if (sock === null) return;
+      try {
+        this.#join(sock);
+      } catch (e) {
+        this.#stats.setupFailures++;
+        this.#log(`cannot set up new peer: ${e instanceof Error ? e.message : e}; connection closed`);
+      }
+    }
+  }
+
+  /** Out of fds: stop accepting for a moment instead of spinning on a readable listener. */
+  #pauseAccepting(): void {
+    if (this.#pauseTimer !== undefined) return;
+    this.#listenWatch.modify({});
+    this.#pauseTimer = setTimeout(() => {
+      this.#pauseTimer = undefined;
+      if (!this.#closed) this.#listenWatch.modify({ readable: true });
+    }, ACCEPT_PAUSE_MS);
+  }
+
+  #join(sock: UnixSocket): void {
+    let id: number;
+    try {
+      id = this.#ids.allocate();
+    } catch (e) {
+      sock.close();
+      throw e;
+    }
+    const fds: EventFd[] = [];
+    let peer: Peer;
+    try {
+      for (let v = 0; v < this.vectors; v++) fds.push(new EventFd({ label: `peer ${id} vector ${v}` }));
+      peer = {
+        id,
+        sock,
+        watch: null,
+        vectors: new VectorSet(fds),
+        queue: [],
+        head: 0,
+        writing: false,
+        gone: false,
+      };
+      peer.watch = this.#reactor.add(sock.fd, { readable: true }, (r) => this.#onPeer(peer, r));
+    } catch (e) {
+      for (const f of fds) f.close();
+      sock.close();
+      this.#ids.release(id);
+      throw e;
+    }
+    const existing = [...this.#peers.keys()];
+    this.#peers.set(id, peer);
+    this.#stats.joined++;
+    this.#log(`new peer id = ${id}`);
+    this.#execute(joinPlan(id, existing, this.vectors));
+    this.#processDrops();
+  }
+
+  #execute(plan: readonly PlannedMessage[]): void {
+    for (const m of plan) {
+      const to = this.#peers.get(m.to);
+      if (!to || to.gone) continue;
+      let fd: OwnedFd | null = null;
+      let hold: VectorSet | null = null;
+      if (m.fd?.kind === "shm") {
+        fd = this.#shm;
+      } else if (m.fd?.kind === "vector") {
+        const owner = this.#peers.get(m.fd.peer);
+        if (!owner) continue;
+        hold = owner.vectors;
+        fd = owner.vectors.fds[m.fd.vector].fd;
+      }
+      this.#send(to, m.value, fd, hold);
+    }
+  }
+
+  #limit(): number {
+    return this.#queueLimit ?? 4096 + 2 * this.vectors * this.#peers.size;
+  }
+
+  /** Sends now if nothing is queued and the socket takes it; else queues (holding the eventfds). */
+  #send(peer: Peer, value: number, fd: OwnedFd | null, hold: VectorSet | null): void {
+    const bytes = encodeMessage(value);
+    if (peer.queue.length === peer.head) {
+      let n: number | null;
+      try {
+        n = peer.sock.sendMsg(bytes, fd ? [fd] : []);
+      } catch (e) {
+        this.#log(`peer ${peer.id}: ${e instanceof Error ? e.message : e}`);
+        this.#scheduleDrop(peer);
+        return;
+      }
+      if (n === MESSAGE_SIZE) return;
+      if (n !== null) {
+        // A partial write took the fd with its first byte; the rest goes later without it.
+        this.#enqueue(peer, { bytes: bytes.subarray(n), fd: null, hold: null });
+        return;
+      }
+    }
+    hold?.hold();
+    this.#enqueue(peer, { bytes, fd, hold });
+  }
+
+  #enqueue(peer: Peer, out: Outgoing): void {
+    peer.queue.push(out);
+    this.#stats.queued++;
+    const depth = peer.queue.length - peer.head;
+    if (depth > this.#stats.maxQueue) this.#stats.maxQueue = depth;
+    if (depth > this.#limit()) {
+      this.#log(`peer ${peer.id}: not reading, ${depth} messages queued; disconnecting it`);
+      this.#stats.slow++;
+      this.#scheduleDrop(peer);
+      return;
+    }
+    if (!peer.writing) {
+      peer.writing = true;
+      peer.watch?.modify({ readable: true, writable: true });
+    }
+  }
+
+  /** Writes queued messages until the socket is full or the queue is empty. */
+  #flush(peer: Peer): void {
+    while (peer.head < peer.queue.length) {
+      const out = peer.queue[peer.head];
+      const n = peer.sock.sendMsg(out.bytes, out.fd ? [out.fd] : []);
+      if (n === null) return;
+      if (n < out.bytes.byteLength) {
+        out.bytes = out.bytes.subarray(n);
+        out.fd = null;
+        out.hold?.release();
+        out.hold = null;
+        continue;
+      }
+      out.hold?.release();
+      peer.head++;
+      if (peer.head >= 1024 && peer.head * 2 >= peer.queue.length) {
+        peer.queue.splice(0, peer.head);
+        peer.head = 0;
+      }
+    }
+    peer.queue.length = 0;
+    peer.head = 0;
+    peer.writing = false;
+    peer.watch?.modify({ readable: true });
+  }
+
+  #onPeer(peer: Peer, r: Readiness): void {
+    if (peer.gone) return;
+    if (r.readable || r.hangup || r.error) {
+      // The protocol is one-way: any data, end of file or error means the peer left.
+      this.#log(`peer ${peer.id} ${r.readable && !r.hangup ? "sent data" : "hung up"}`);
+      this.#scheduleDrop(peer);
+      this.#processDrops();
+      return;
+    }
+    if (r.writable) {
+      try {
+        this.#flush(peer);
+      } catch (e) {
+        throw new PeerFailure(peer.id, e);
+      }
+    }
+  }
+
+  #scheduleDrop(peer: Peer): void {
+    if (peer.gone) return;
+    peer.gone = true;
+    this.#drops.push(peer);
+  }
+
+  #drop(peer: Peer): void {
+    this.#scheduleDrop(peer);
+    this.#processDrops();
+  }
+
+  /** Frees dropped peers and tells the others; drops caused by those messages are handled too. */
+  #processDrops(): void {
+    if (this.#dropping) return;
+    this.#dropping = true;
+    try {
+      while (this.#drops.length > 0) {
+        const peer = this.#drops.shift()!;
+        this.#free(peer);
+        this.#execute(leavePlan(peer.id, [...this.#peers.keys()]));
+      }
+    } finally {
+      this.#dropping = false;
+    }
+  }
+
+  #free(peer: Peer): void {
+    peer.gone = true;
+    if (this.#peers.get(peer.id) !== peer) return;
+    this.#peers.delete(peer.id);
+    this.#ids.release(peer.id);
+    this.#stats.left++;
+    this.#log(`free peer ${peer.id}`);
+    peer.watch?.remove();
+    peer.sock.close();
+    for (let i = peer.head; i < peer.queue.length; i++) peer.queue[i].hold?.release();
+    peer.queue.length = 0;
+    peer.head = 0;
+    peer.vectors.release();
+  }
+
+  /**
+   * Closes every connection (peers see end of file), the listener (unlinking the socket path),
+   * the shared memory, and shm_unlinks a `-M` object. Idempotent. With few peers, each is first
+   * told, best effort, that the others left.
+   */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#pauseTimer !== undefined) clearTimeout(this.#pauseTimer);
+    this.#listenWatch.remove();
+    const peers = [...this.#peers.values()];
+    const tell = peers.length <= 1024;
+    for (const peer of peers) {
+      this.#free(peer);
+      if (!tell) continue;
+      const bytes = encodeMessage(peer.id);
+      for (const other of this.#peers.values()) {
+        if (other.queue.length !== other.head) continue;
+        try {
+          other.sock.sendMsg(bytes);
+        } catch { /* it is going too */ }
+      }
+    }
+    this.#listener.close();
+    this.#shm.close();
+    if (this.#shmName !== null) {
+      try {
+        shmUnlink(this.#shmName);
+      } catch (e) {
+        this.#log(`cannot remove shm ${this.#shmName}: ${e instanceof Error ? e.message : e}`);
+      }
+    }
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
