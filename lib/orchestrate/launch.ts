@@ -1,0 +1,392 @@
+/**
+ * Executes a launch plan: opens the sockets, starts the children in order with exactly their fds,
+ * waits for each to be ready, runs the QMP managed start, and tears everything down in reverse.
+ * @module
+ */
+import {
+  type ChildProcess,
+  type ExitStatus,
+  getpid,
+  listenUnix,
+  type OwnedFd,
+  type Reactor,
+  resolveExecutable,
+  Signal,
+  socketPair,
+  spawn,
+  type UnixListener,
+  type UnixSocket,
+  unlinkPath,
+} from "../../ffi/mod.ts";
+import { matchesExpectation, QmpClient, type QmpGreeting } from "./qmp.ts";
+import { withParentDeathSignal } from "./pdeathsig.ts";
+import type { Plan, PlannedProcess, PlannedQmpCommand } from "./plan.ts";
+
+/** A failure while starting the VM; names the process or QMP step. */
+export class LaunchError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "LaunchError";
+  }
+}
+
+/** A child of the VM while mpq supervises it. */
+export interface RunningChild {
+  planned: PlannedProcess;
+  process: ChildProcess;
+  /** Resolves with the exit status once the child is reaped. */
+  exited: Promise<ExitStatus>;
+  /** True once teardown has started stopping it (its exit is then expected). */
+  stopping: boolean;
+  /** Reaps the child now if it has exited (resolving `exited`); null while it runs. */
+  check(): ExitStatus | null;
+}
+
+/** Options for a Vm. */
+export interface VmOptions {
+  /** Status lines (default: none). */
+  log?: (line: string) => void;
+  /** Bound for each teardown stage (QMP quit, SIGTERM) before the next one, ms (default 5000). */
+  stopTimeoutMs?: number;
+  /** Bound for a "listening" readiness check, ms (default 20000). */
+  readyTimeoutMs?: number;
+  /** Called when a child exits while not being stopped. */
+  onUnexpectedExit?: (child: RunningChild, status: ExitStatus) => void;
+}
+
+/**
+ * Whether a UNIX socket at `path` is listening, from /proc/net/unix (flag __SO_ACCEPTCON). Never
+ * connects: a probe connection would count as a peer for ivshmem or vhost-user servers.
+ */
+export function isListening(path: string): boolean {
+  let text: string;
+  try {
+    text = Deno.readTextFileSync("/proc/net/unix");
+  } catch {
+    return false;
+  }
+  for (const line of text.split("\n")) {
+    const cols = line.trim().split(/\s+/);
+    // Num RefCount Protocol Flags Type St Inode Path
+    if (cols.length >= 8 && cols.slice(7).join(" ") === path && (parseInt(cols[3], 16) & 0x10000) !== 0) {
+      return true;
+    }
+  }
+  return false;
+}
+
+function delay(ms: number): { promise: Promise<void>; cancel: () => void } {
+  let id: ReturnType<typeof setTimeout> | undefined;
+  let resolve!: () => void;
+  const promise = new Promise<void>((r) => {
+    resolve = r;
+    id = setTimeout(r, ms);
+  });
+  return {
+    promise,
+    cancel: () => {
+      clearTimeout(id);
+      resolve();
+    },
+  };
+}
+
+/** Waits for `p` at most `ms`; true when it settled in time. */
+async function within(p: Promise<unknown>, ms: number): Promise<boolean> {
+  const d = delay(ms);
+  try {
+    return await Promise.race([p.then(() => true, () => true), d.promise.then(() => false)]);
+  } finally {
+    d.cancel();
+  }
+}
+
+function summary(result: unknown): string {
+  if (
+    result === undefined ||
+    (typeof result === "object" && result !== null && Object.keys(result).length === 0)
+  ) {
+    return "ok";
+  }
+  const s = JSON.stringify(result);
+  return s.length > 160 ? `${s.slice(0, 157)}...` : s;
+}
+
+/**
+ * One VM: its sockets, children and QMP connection.
+ * @example
+ * const vm = new Vm(plan, reactor, { log: console.log });
+ * await vm.start();
+ * await vm.stop();
+ */
+export class Vm {
+  readonly plan: Plan;
+  readonly children: RunningChild[] = [];
+  readonly #reactor: Reactor;
+  readonly #opts: VmOptions;
+  readonly #listeners = new Map<string, UnixListener>();
+  readonly #pairs = new Map<string, [UnixSocket, UnixSocket]>();
+  readonly #createdPaths: string[] = [];
+  readonly #t0 = performance.now();
+  #qmp: QmpClient | null = null;
+  #greeting: QmpGreeting | null = null;
+  #stopped = false;
+
+  constructor(plan: Plan, reactor: Reactor, options: VmOptions = {}) {
+    this.plan = plan;
+    this.#reactor = reactor;
+    this.#opts = options;
+  }
+
+  /** The orchestrator's QMP connection once QEMU is ready. */
+  get qmp(): QmpClient | null {
+    return this.#qmp;
+  }
+
+  /** QEMU's QMP greeting once received. */
+  get greeting(): QmpGreeting | null {
+    return this.#greeting;
+  }
+
+  /** Seconds since this Vm was made, for status lines. */
+  elapsed(): string {
+    return ((performance.now() - this.#t0) / 1000).toFixed(2).padStart(6);
+  }
+
+  #log(what: string, text: string): void {
+    this.#opts.log?.(`[${this.elapsed()}s] ${what.padEnd(14)} ${text}`);
+  }
+
+  /**
+   * Checks everything that can be checked without starting anything: executables on PATH and
+   * external sockets listening. Throws LaunchError naming the problem.
+   */
+  preflight(): void {
+    for (const p of this.plan.processes) {
+      try {
+        resolveExecutable(p.argv[0]);
+      } catch {
+        throw new LaunchError(`${p.name}: program ${p.argv[0]} not found on PATH`);
+      }
+    }
+    for (const e of this.plan.external) {
+      if (!isListening(e.path)) {
+        throw new LaunchError(`${e.purpose}: nothing is listening on ${e.path}`);
+      }
+    }
+  }
+
+  #open(): void {
+    for (const r of this.plan.resources) {
+      if (r.kind === "listen") {
+        this.#listeners.set(r.id, listenUnix(r.path, { nonBlocking: false }));
+        this.#createdPaths.push(r.path);
+      } else {
+        this.#pairs.set(r.id, socketPair({ nonBlocking: false }));
+      }
+    }
+  }
+
+  #fdsFor(p: PlannedProcess): Map<number, OwnedFd> {
+    const m = new Map<number, OwnedFd>();
+    for (const a of p.fds) {
+      const l = this.#listeners.get(a.resource);
+      if (l) m.set(a.fd, l.fd);
+      else {
+        const pair = this.#pairs.get(a.resource);
+        if (!pair) throw new LaunchError(`${p.name}: fd ${a.fd} refers to unknown resource ${a.resource}`);
+        m.set(a.fd, pair[a.end ?? 0].fd);
+      }
+    }
+    return m;
+  }
+
+  /** Closes mpq's copies of the resources `p` was given (the child holds them now). */
+  #release(p: PlannedProcess): void {
+    for (const a of p.fds) {
+      const l = this.#listeners.get(a.resource);
+      if (l) {
+        l.fd.close(); // not l.close(): the path stays bound for the child; teardown unlinks it
+        this.#listeners.delete(a.resource);
+      }
+      const pair = this.#pairs.get(a.resource);
+      if (pair) pair[a.end ?? 0].fd.close();
+    }
+  }
+
+  #spawn(p: PlannedProcess): RunningChild {
+    const exe = resolveExecutable(p.argv[0]);
+    const argv = withParentDeathSignal(exe, p.argv, getpid());
+    const env = { ...Deno.env.toObject(), ...p.env };
+    const process = spawn(argv[0], argv, { fds: this.#fdsFor(p), env, newProcessGroup: p.ownProcessGroup });
+    let resolve!: (s: ExitStatus) => void;
+    const exited = new Promise<ExitStatus>((r) => (resolve = r));
+    let reported = false;
+    const check = (): ExitStatus | null => {
+      if (reported) return process.status;
+      const st = process.tryWait();
+      if (!st) return null;
+      reported = true;
+      watch.remove();
+      resolve(st);
+      if (!child.stopping && !this.#stopped) this.#opts.onUnexpectedExit?.(child, st);
+      return st;
+    };
+    const child: RunningChild = { planned: p, process, exited, stopping: false, check };
+    const watch = this.#reactor.add(process.pidfd, { readable: true }, () => void check());
+    this.children.push(child);
+    this.#release(p);
+    return child;
+  }
+
+  async #ready(child: RunningChild): Promise<void> {
+    const p = child.planned;
+    const r = p.ready;
+    const exitedEarly = async () => {
+      const st = await child.exited;
+      return new LaunchError(`${p.name} (pid ${child.process.pid}) exited while starting: ${st.text}`);
+    };
+    switch (r.kind) {
+      case "started":
+        this.#log(p.name, `pid ${child.process.pid} started`);
+        return;
+      case "listening": {
+        const bound = this.#opts.readyTimeoutMs ?? 20000;
+        const t = performance.now();
+        while (!isListening(r.path)) {
+          if (child.process.status) throw await exitedEarly();
+          if (performance.now() - t > bound) {
+            throw new LaunchError(
+              `${p.name} (pid ${child.process.pid}) did not listen on ${r.path} within ${bound} ms`,
+            );
+          }
+          const d = delay(10);
+          await d.promise;
+        }
+        this.#log(p.name, `pid ${child.process.pid} listening on ${r.path}`);
+        return;
+      }
+      case "qmp-greeting": {
+        const res = this.plan.resources.find((x) => x.id === r.resource);
+        if (!res || res.kind !== "listen") {
+          throw new LaunchError(`qmp resource ${r.resource} is not a listening socket`);
+        }
+        let qmp: QmpClient;
+        try {
+          qmp = QmpClient.connect(res.path, this.#reactor);
+        } catch (e) {
+          // mpq's own copy of the listener is closed: a refused connect means QEMU is gone.
+          if (child.process.status || (await within(child.exited, 2000))) throw await exitedEarly();
+          throw new LaunchError(`${p.name}: QMP connect to ${res.path} failed: ${(e as Error).message}`);
+        }
+        this.#qmp = qmp;
+        const outcome = await Promise.race([
+          qmp.greeting.then((g) => ({ g }), (e: Error) => ({ e })),
+          child.exited.then(() => ({ exited: true as const })),
+        ]);
+        if ("exited" in outcome) throw await exitedEarly();
+        if ("e" in outcome) {
+          if (await within(child.exited, 2000)) throw await exitedEarly();
+          throw new LaunchError(`${p.name}: ${outcome.e.message}`);
+        }
+        this.#greeting = outcome.g;
+        const v = outcome.g.version.qemu;
+        this.#log(p.name, `pid ${child.process.pid} QMP ready (QEMU ${v.major}.${v.minor}.${v.micro})`);
+        return;
+      }
+    }
+  }
+
+  /** Runs planned QMP commands in order; throws LaunchError naming the failed step. */
+  async runQmp(commands: readonly PlannedQmpCommand[]): Promise<void> {
+    const qmp = this.#qmp;
+    if (!qmp) throw new LaunchError("QMP is not connected");
+    for (const c of commands) {
+      let result: unknown;
+      try {
+        result = await qmp.execute(c.execute, c.arguments);
+      } catch (e) {
+        throw new LaunchError(`QMP ${c.label} (${c.execute}) failed: ${(e as Error).message}`);
+      }
+      if (c.expect && !matchesExpectation(result, c.expect)) {
+        throw new LaunchError(
+          `QMP ${c.label} (${c.execute}): expected ${JSON.stringify(c.expect)}, got ${
+            JSON.stringify(result)
+          }`,
+        );
+      }
+      const text = c.execute === "cont"
+        ? "cont -> guest running"
+        : c.execute === "x-exit-preconfig"
+        ? "x-exit-preconfig -> machine created"
+        : `${c.execute}: ${summary(result)}`;
+      if (c.execute !== "qmp_capabilities") this.#log(`qmp ${c.label}`, text);
+    }
+  }
+
+  /**
+   * Opens the sockets, starts every child in order (each ready before the next starts) and runs
+   * the QMP managed start. On failure throws LaunchError; call stop() either way.
+   */
+  async start(): Promise<void> {
+    this.#open();
+    for (const p of this.plan.processes) {
+      const child = this.#spawn(p);
+      await this.#ready(child);
+    }
+    await this.runQmp(this.plan.qmp.startup);
+    if (this.plan.start === "run") this.#log("qmp", "guest running (started without -S)");
+    await this.runQmp(this.plan.qmp.afterStart);
+  }
+
+  async #stopChild(c: RunningChild, bound: number): Promise<void> {
+    c.stopping = true;
+    if (c.process.status) return;
+    if (c.planned.role === "qemu" && this.#qmp && !this.#qmp.ended) {
+      this.#qmp.execute("quit").catch(() => {});
+      if (await within(c.exited, bound)) return;
+    }
+    if (c.planned.role === "remote") {
+      // x-remote exits by itself when the proxy's connection closes (auto-shutdown).
+      if (await within(c.exited, Math.min(bound, 1000))) return;
+    }
+    c.process.kill(Signal.SIGTERM);
+    if (await within(c.exited, bound)) return;
+    this.#log(c.planned.name, `did not stop on SIGTERM within ${bound} ms: SIGKILL`);
+    c.process.kill(Signal.SIGKILL);
+    await c.exited;
+  }
+
+  /** Stops every child in reverse start order, closes every socket and removes the runtime dir. */
+  async stop(): Promise<void> {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    const bound = this.#opts.stopTimeoutMs ?? 5000;
+    for (const c of [...this.children].reverse()) {
+      const already = c.check() !== null;
+      await this.#stopChild(c, bound);
+      const how = c.planned.role === "remote" && already
+        ? "ended with its proxy"
+        : already
+        ? "had already exited"
+        : "stopped";
+      this.#log(c.planned.name, `pid ${c.process.pid} ${how} (${c.process.status?.text ?? "?"})`);
+    }
+    this.#qmp?.close();
+    for (const l of this.#listeners.values()) l.fd.close();
+    this.#listeners.clear();
+    for (const [a, b] of this.#pairs.values()) {
+      a.close();
+      b.close();
+    }
+    this.#pairs.clear();
+    for (const path of this.#createdPaths) {
+      try {
+        unlinkPath(path);
+      } catch { /* gone */ }
+    }
+    try {
+      Deno.removeSync(this.plan.runtimeDir, { recursive: true });
+    } catch { /* not ours or gone */ }
+  }
+}

@@ -1,0 +1,392 @@
+/**
+ * Pure planning: a validated topology -> the launch plan (processes, argv, env, fd maps, start order,
+ * readiness checks, QMP sequence). Nothing here touches the system; launch.ts executes a plan.
+ * @module
+ */
+import type { Drive, QmpStep, Topology } from "./topology.ts";
+
+/** What the planner needs besides the topology (all plain values, so planning stays pure). */
+export interface PlanContext {
+  /** Private directory for the VM's sockets (created by launch, 0700). */
+  runtimeDir: string;
+  /** argv prefix that runs mpq itself (lib/cli/self.ts selfCommand()). */
+  self: readonly string[];
+}
+
+/** A listening UNIX socket the orchestrator creates at `path` before anything starts. */
+export interface ListenResource {
+  id: string;
+  kind: "listen";
+  path: string;
+  purpose: string;
+}
+
+/** A connected socketpair the orchestrator creates; end 0 and end 1 go to different children. */
+export interface SocketPairResource {
+  id: string;
+  kind: "socketpair";
+  purpose: string;
+}
+
+/** Something the orchestrator opens and hands to children by fd. */
+export type Resource = ListenResource | SocketPairResource;
+
+/** One inherited fd of a child: child fd number <- resource (and socketpair end). */
+export interface FdAssignment {
+  fd: number;
+  resource: string;
+  end?: 0 | 1;
+}
+
+/** When a started child counts as ready. */
+export type Readiness =
+  /** Running is enough (its sockets are pre-opened or pre-connected by the orchestrator). */
+  | { kind: "started"; reason: string }
+  /** A UNIX socket at `path` is in the listening state (/proc/net/unix; never probed by connecting). */
+  | { kind: "listening"; path: string }
+  /** QEMU sent its QMP greeting on the monitor socket. */
+  | { kind: "qmp-greeting"; resource: string };
+
+/** A child process of the VM. */
+export interface PlannedProcess {
+  /** "ivshmem ivs0", "vhost vblk0", "remote lsi0", "qemu". */
+  name: string;
+  role: "ivshmem" | "vhost" | "remote" | "qemu";
+  /** argv[0] is the program (looked up on PATH when it has no slash). */
+  argv: string[];
+  /** Environment added to mpq's own. */
+  env: Record<string, string>;
+  /** Exactly the fds the child gets besides stdio. */
+  fds: FdAssignment[];
+  ready: Readiness;
+  /**
+   * Its own process group, so a terminal's Ctrl-C reaches only mpq, which stops children in order.
+   * False only for QEMU with a stdio console: it owns the terminal (raw mode, no SIGINT from Ctrl-C).
+   */
+  ownProcessGroup: boolean;
+}
+
+/** One QMP command of the managed start. */
+export interface PlannedQmpCommand {
+  /** "capabilities", "step 1", "preconfig", "cont", "after 1". */
+  label: string;
+  execute: string;
+  arguments?: Record<string, unknown>;
+  expect?: Record<string, unknown>;
+}
+
+/** A socket someone else serves: it must be listening before anything starts. */
+export interface ExternalSocket {
+  path: string;
+  purpose: string;
+}
+
+/** The whole launch plan. Processes start in order and stop in reverse. */
+export interface Plan {
+  name: string;
+  runtimeDir: string;
+  start: Topology["start"];
+  resources: Resource[];
+  external: ExternalSocket[];
+  processes: PlannedProcess[];
+  qmp: {
+    /** The orchestrator's monitor (resource id). */
+    resource: string;
+    /** Operator monitor path (`mpq qmp PATH ...`). */
+    operatorSocket: string;
+    /** Run in order before the guest starts (the last ones start it). */
+    startup: PlannedQmpCommand[];
+    /** Run once the guest is running. */
+    afterStart: PlannedQmpCommand[];
+  };
+  /** Files the debug console writes (the demo reads it). */
+  debugcon?: string;
+}
+
+const MIB = 1024 * 1024;
+
+/** QEMU's option-value escaping: a comma inside a value is written twice. */
+export function qemuOptValue(v: string): string {
+  return v.replaceAll(",", ",,");
+}
+
+function driveOpts(d: Drive, extra: string): string {
+  return `file=${qemuOptValue(d.file)},format=${d.format}${extra}${d.readOnly ? ",readonly=on" : ""}`;
+}
+
+function qmpCommands(steps: QmpStep[], label: string): PlannedQmpCommand[] {
+  return steps.map((s, i) => {
+    const c: PlannedQmpCommand = { label: `${label} ${i + 1}`, execute: s.execute };
+    if (s.arguments) c.arguments = s.arguments;
+    if (s.expect) c.expect = s.expect;
+    return c;
+  });
+}
+
+/**
+ * Turns a topology into a launch plan. Pure: same input, same plan.
+ * @example
+ * const plan = planTopology(validateTopology(json), { runtimeDir: "/tmp/mpq-x", self: ["mpq"] });
+ * plan.processes.map((p) => p.name); // ["remote lsi0", "qemu"]
+ */
+export function planTopology(t: Topology, ctx: PlanContext): Plan {
+  const dir = ctx.runtimeDir.replace(/\/+$/, "");
+  const resources: Resource[] = [];
+  const external: ExternalSocket[] = [];
+  const ivshmemServers: PlannedProcess[] = [];
+  const servers: PlannedProcess[] = [];
+  const remotes: PlannedProcess[] = [];
+  const qemuDevArgs: string[] = [];
+  const qemuFds: FdAssignment[] = [
+    { fd: 3, resource: "qmp" },
+    { fd: 4, resource: "qmp-operator" },
+  ];
+  const operatorSocket = t.qmpSocket ?? `${dir}/qmp-operator.sock`;
+  resources.push(
+    { id: "qmp", kind: "listen", path: `${dir}/qmp.sock`, purpose: "QMP monitor of mpq" },
+    { id: "qmp-operator", kind: "listen", path: operatorSocket, purpose: "QMP monitor for operators" },
+  );
+  let nextQemuFd = 5;
+  const dirTag = dir.slice(dir.lastIndexOf("/") + 1);
+
+  for (const d of t.devices) {
+    switch (d.type) {
+      case "remote": {
+        const pair = `remote-${d.id}`;
+        resources.push({ id: pair, kind: "socketpair", purpose: `proxy <-> remote ${d.id}` });
+        const fd = nextQemuFd++;
+        qemuFds.push({ fd, resource: pair, end: 0 });
+        qemuDevArgs.push("-device", `x-pci-proxy-dev,id=${d.id},fd=${fd}`);
+        const argv = [d.qemu ?? t.qemu, "-machine", "x-remote", "-nodefaults", "-display", "none"];
+        argv.push("-device", `${d.device},id=${d.id}`);
+        d.drives.forEach((drv, i) => {
+          argv.push("-drive", `id=${d.id}-drive${i},${driveOpts(drv, ",if=none")}`);
+          argv.push(
+            "-device",
+            `scsi-hd,id=${d.id}-hd${i},drive=${d.id}-drive${i},bus=${d.id}.0,scsi-id=${i}`,
+          );
+        });
+        argv.push("-object", `x-remote-object,id=robj-${d.id},devid=${d.id},fd=3`, ...d.extraArgs);
+        remotes.push({
+          name: `remote ${d.id}`,
+          role: "remote",
+          argv,
+          env: {},
+          fds: [{ fd: 3, resource: pair, end: 1 }],
+          ready: { kind: "started", reason: "its socketpair end is connected before it starts" },
+          ownProcessGroup: true,
+        });
+        break;
+      }
+      case "vhost-user-blk":
+      case "vhost-user-rng": {
+        let path: string;
+        if ("socket" in d.backend) {
+          path = d.backend.socket;
+          external.push({ path, purpose: `vhost-user back-end of ${d.id}` });
+        } else {
+          path = `${dir}/vhost-${d.id}.sock`;
+          const res = `vhost-${d.id}`;
+          resources.push({ id: res, kind: "listen", path, purpose: `vhost-user socket of ${d.id}` });
+          const argv = [...ctx.self, "vhost"];
+          if (d.type === "vhost-user-blk") {
+            const m = (d.backend as { mpq: { file: string; readOnly: boolean; numQueues?: number } }).mpq;
+            argv.push("blk", "--fd=3", "--blk-file", m.file);
+            if (m.readOnly) argv.push("--read-only");
+            argv.push("--num-queues", String(m.numQueues ?? d.numQueues ?? 1));
+          } else {
+            argv.push("rng", "--fd=3");
+          }
+          servers.push({
+            name: `vhost ${d.id}`,
+            role: "vhost",
+            argv,
+            env: {},
+            fds: [{ fd: 3, resource: res }],
+            ready: { kind: "started", reason: "its listening socket is pre-opened: QEMU's connect queues" },
+            ownProcessGroup: true,
+          });
+        }
+        qemuDevArgs.push("-chardev", `socket,id=chr-${d.id},path=${qemuOptValue(path)}`);
+        if (d.type === "vhost-user-blk") {
+          qemuDevArgs.push(
+            "-device",
+            `vhost-user-blk-pci,id=${d.id},chardev=chr-${d.id},num-queues=${d.numQueues ?? 1}`,
+          );
+        } else {
+          qemuDevArgs.push("-device", `vhost-user-rng-pci,id=${d.id},chardev=chr-${d.id}`);
+        }
+        break;
+      }
+      case "ivshmem": {
+        let path: string;
+        if ("socket" in d.server) {
+          path = d.server.socket;
+          external.push({ path, purpose: `ivshmem server of ${d.id}` });
+        } else {
+          path = `${dir}/ivshmem-${d.id}.sock`;
+          ivshmemServers.push({
+            name: `ivshmem ${d.id}`,
+            role: "ivshmem",
+            argv: [
+              ...ctx.self,
+              "ivshmem",
+              "-F",
+              "-S",
+              path,
+              "-M",
+              `${dirTag}-${d.id}`,
+              "-l",
+              d.server.mpq.size,
+              "-n",
+              String(d.vectors),
+            ],
+            env: {},
+            fds: [],
+            ready: { kind: "listening", path },
+            ownProcessGroup: true,
+          });
+        }
+        qemuDevArgs.push("-chardev", `socket,id=chr-${d.id},path=${qemuOptValue(path)}`);
+        qemuDevArgs.push("-device", `ivshmem-doorbell,id=${d.id},chardev=chr-${d.id},vectors=${d.vectors}`);
+        break;
+      }
+    }
+  }
+
+  const q = [t.qemu, "-name", t.name, "-machine", t.machine, "-accel", t.accel, "-smp", String(t.cpus)];
+  q.push("-m", `${t.memory / MIB}M`);
+  q.push("-object", `memory-backend-memfd,id=mem,size=${t.memory},share=on`, "-numa", "node,memdev=mem");
+  q.push("-nodefaults", "-display", "none");
+  q.push("-chardev", "socket,id=mon,fd=3,server=on,wait=off", "-mon", "chardev=mon,mode=control");
+  q.push("-chardev", "socket,id=mon-op,fd=4,server=on,wait=off", "-mon", "chardev=mon-op,mode=control");
+  if (t.console === "stdio") q.push("-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0");
+  else if (typeof t.console === "object") {
+    q.push("-chardev", `file,id=con0,path=${qemuOptValue(t.console.file)}`, "-serial", "chardev:con0");
+  }
+  if (t.debugcon) q.push("-debugcon", `file:${t.debugcon}`, "-global", "isa-debugcon.iobase=0x402");
+  if (t.kernel) q.push("-kernel", t.kernel);
+  if (t.initrd) q.push("-initrd", t.initrd);
+  if (t.append) q.push("-append", t.append);
+  for (const d of t.disks) q.push("-drive", driveOpts(d, ",if=virtio"));
+  if (t.start === "paused" || t.start === "preconfig-paused") q.push("-S");
+  if (t.start === "preconfig" || t.start === "preconfig-paused") q.push("--preconfig");
+  q.push(...qemuDevArgs, ...t.extraArgs);
+
+  const startup: PlannedQmpCommand[] = [
+    { label: "capabilities", execute: "qmp_capabilities" },
+    ...qmpCommands(t.steps, "step"),
+  ];
+  if (t.start === "preconfig" || t.start === "preconfig-paused") {
+    startup.push({ label: "preconfig", execute: "x-exit-preconfig" });
+  }
+  if (t.start === "paused" || t.start === "preconfig-paused") {
+    startup.push({ label: "cont", execute: "cont" });
+  }
+
+  const plan: Plan = {
+    name: t.name,
+    runtimeDir: dir,
+    start: t.start,
+    resources,
+    external,
+    processes: [
+      ...ivshmemServers,
+      ...servers,
+      ...remotes,
+      {
+        name: "qemu",
+        role: "qemu",
+        argv: q,
+        env: {},
+        fds: qemuFds,
+        ready: { kind: "qmp-greeting", resource: "qmp" },
+        ownProcessGroup: t.console !== "stdio",
+      },
+    ],
+    qmp: { resource: "qmp", operatorSocket, startup, afterStart: qmpCommands(t.afterStart, "after") },
+  };
+  if (t.debugcon) plan.debugcon = t.debugcon;
+  return plan;
+}
+
+/** Quotes one word for a POSIX shell when it needs it. */
+export function shellQuote(word: string): string {
+  return /^[A-Za-z0-9_@%+=:,./-]+$/.test(word) ? word : `'${word.replaceAll("'", `'\\''`)}'`;
+}
+
+/**
+ * A command line as shell text, one option (and its value) per line with backslash continuations.
+ * @example
+ * formatCommand(["qemu", "-m", "512M", "-S"], ""); // ["qemu \\", "  -m 512M \\", "  -S"]
+ */
+export function formatCommand(argv: readonly string[], indent: string): string[] {
+  const groups: string[][] = [];
+  const head = [argv[0]];
+  let i = 1;
+  while (i < argv.length && !argv[i].startsWith("-")) head.push(argv[i++]);
+  groups.push(head);
+  while (i < argv.length) {
+    const g = [argv[i++]];
+    if (g[0].startsWith("-") && !g[0].includes("=") && i < argv.length && !argv[i].startsWith("-")) {
+      g.push(argv[i++]);
+    }
+    groups.push(g);
+  }
+  return groups.map((g, n) =>
+    `${indent}${n === 0 ? "" : "  "}${g.map(shellQuote).join(" ")}${n < groups.length - 1 ? " \\" : ""}`
+  );
+}
+
+function describeFd(plan: Plan, a: FdAssignment): string {
+  const r = plan.resources.find((x) => x.id === a.resource);
+  if (!r) return `${a.resource} (missing resource)`;
+  if (r.kind === "listen") return `listening socket ${r.path} (${r.purpose})`;
+  return `socketpair ${r.id} end ${a.end} (${r.purpose})`;
+}
+
+function describeReady(r: Readiness): string {
+  switch (r.kind) {
+    case "started":
+      return `started (${r.reason})`;
+    case "listening":
+      return `listening on ${r.path}`;
+    case "qmp-greeting":
+      return "QMP greeting received";
+  }
+}
+
+/** The plan for humans: start order, command lines (shell-quoted), fds and readiness. */
+export function formatPlan(plan: Plan): string {
+  const out: string[] = [];
+  out.push(`Plan for VM "${plan.name}" (start: ${plan.start}); sockets in ${plan.runtimeDir}/`);
+  out.push("");
+  out.push("Opened by mpq before anything starts:");
+  for (const r of plan.resources) {
+    out.push(
+      r.kind === "listen"
+        ? `  ${r.id.padEnd(16)} listen ${r.path}  (${r.purpose})`
+        : `  ${r.id.padEnd(16)} socketpair  (${r.purpose})`,
+    );
+  }
+  for (const e of plan.external) out.push(`  must already listen: ${e.path}  (${e.purpose})`);
+  out.push("");
+  out.push("Start order (each child gets exactly these fds; every child dies with mpq):");
+  plan.processes.forEach((p, i) => {
+    out.push(`  ${i + 1}. ${p.name}`);
+    out.push(...formatCommand(p.argv, "     "));
+    for (const a of p.fds) out.push(`     fd ${a.fd} <- ${describeFd(plan, a)}`);
+    out.push(`     ready when: ${describeReady(p.ready)}`);
+  });
+  out.push("");
+  out.push("QMP (one connection to qmp.sock, no retries):");
+  for (const c of [...plan.qmp.startup, ...plan.qmp.afterStart]) {
+    const args = c.arguments ? ` ${JSON.stringify(c.arguments)}` : "";
+    const exp = c.expect ? `  expect ${JSON.stringify(c.expect)}` : "";
+    out.push(`  ${c.label.padEnd(14)} ${c.execute}${args}${exp}`);
+  }
+  out.push(`  operators: mpq qmp ${plan.qmp.operatorSocket} query-status`);
+  out.push("");
+  out.push("Stop order: the reverse (QMP quit, then SIGTERM, then SIGKILL after a bound).");
+  return out.join("\n");
+}
