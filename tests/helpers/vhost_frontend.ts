@@ -305,6 +305,8 @@ export class FrontendQueue {
   readonly slots: Slot[] = [];
   readonly freeSlots: number[] = [];
   readonly slotWaiters: Array<() => void> = [];
+  /** Set when the device corrupted the used ring (see VhostUserFrontend.poll). */
+  ringError: Error | null = null;
   /** Hook for load generators: called with every completion instead of the pending map. */
   onComplete: ((id: number, len: number) => void) | null = null;
 
@@ -370,6 +372,8 @@ export class VhostUserFrontend {
   /** Messages the back-end sent that were not replies to anything (e.g. unexpected). */
   readonly unsolicited: Message[] = [];
   #started = false;
+  /** An error a reactor callback threw (the front-end stops serving completions after it). */
+  reactorError: Error | null = null;
 
   private constructor(path: string, options: FrontendOptions) {
     const queueSize = options.queueSize ?? 128;
@@ -394,7 +398,9 @@ export class VhostUserFrontend {
     };
     this.ram = new GuestRam({ size: this.options.memSize, split: this.options.splitMemory });
     this.reactor = new Reactor();
-    this.#running = this.reactor.run();
+    this.#running = this.reactor.run().catch((e) => {
+      this.reactorError = e instanceof Error ? e : new Error(String(e));
+    });
     const o = this.options;
     for (let i = 0; i < o.queues; i++) {
       const ring = new SplitQueue(this.ram, {
@@ -879,21 +885,35 @@ export class VhostUserFrontend {
     this.poll(q);
   }
 
-  /** Processes completions on `q` (called on every call, and usable for busy polling). */
+  /**
+   * Processes completions on `q` (called on every call, and usable for busy polling). A used ring
+   * the driver cannot accept (unknown id, index jump) is recorded in `q.ringError` and fails every
+   * pending request on that queue.
+   */
   poll(q: FrontendQueue): number {
+    if (q.ringError) return 0;
     let total = 0;
-    while (true) {
-      const n = q.ring.collect((id, len) => {
-        if (q.onComplete) return q.onComplete(id, len);
-        const p = q.pending.get(id);
-        if (!p) return;
-        q.pending.delete(id);
+    try {
+      while (true) {
+        const n = q.ring.collect((id, len) => {
+          if (q.onComplete) return q.onComplete(id, len);
+          const p = q.pending.get(id);
+          if (!p) return;
+          q.pending.delete(id);
+          clearTimeout(p.timer);
+          p.resolve({ len });
+        });
+        total += n;
+        // Re-arm the call and look again, so a completion racing with the arm is not missed.
+        if (!q.ring.armCall()) break;
+      }
+    } catch (e) {
+      q.ringError = e instanceof Error ? e : new Error(String(e));
+      for (const [, p] of q.pending) {
         clearTimeout(p.timer);
-        p.resolve({ len });
-      });
-      total += n;
-      // Re-arm the call and look again, so a completion racing with the arm is not missed.
-      if (!q.ring.armCall()) break;
+        p.reject(new FrontendError(`queue ${q.index}: ${q.ringError.message}`));
+      }
+      q.pending.clear();
     }
     return total;
   }

@@ -190,7 +190,6 @@ export class SplitQueue {
   readonly #u32: Uint32Array;
   readonly #view: DataView;
   readonly #free: number[] = [];
-  readonly #chainLen = new Map<number, number>();
   /** Next avail index the driver will publish (shadow). */
   availIdx = 0;
   /** Avail index last published to the ring. */
@@ -230,6 +229,9 @@ export class SplitQueue {
     this.#usedRingAt = (used + 4) >> 2;
     this.#availEventAt = (used + 4 + 8 * size) >> 1;
     for (let i = size - 1; i >= 0; i--) this.#free.push(i);
+    this.#state = new Uint8Array(size);
+    this.#transient = new Uint8Array(size);
+    this.#chainIds = new Array(size);
   }
 
   /** Free descriptors in the table. */
@@ -275,10 +277,24 @@ export class SplitQueue {
         );
       });
       this.#writeDesc(this.#desc + 16 * head, tableGpa, 16 * segments.length, DescFlags.INDIRECT, 0);
-      this.#chainLen.set(head, 1);
-      this.#pushAvail(head);
+      this.#chainIds[head] = [head];
+      this.#transient[head] = 1;
+      this.submitHead(head);
       return head;
     }
+    const head = this.reserveChain(segments);
+    if (head === null) return null;
+    this.#transient[head] = 1;
+    this.submitHead(head);
+    return head;
+  }
+
+  /**
+   * Writes a chain into free descriptors and keeps them reserved (not freed on completion), for
+   * load generators that resubmit the same chain: change the request in place, then
+   * submitHead(head). Returns the head, or null when too few descriptors are free.
+   */
+  reserveChain(segments: readonly Segment[]): number | null {
     if (this.#free.length < segments.length) return null;
     const ids = segments.map(() => this.#free.pop()!);
     segments.forEach((s, i) => {
@@ -291,19 +307,43 @@ export class SplitQueue {
         last ? 0 : ids[i + 1],
       );
     });
-    this.#chainLen.set(ids[0], segments.length);
-    // remember the chain's ids so they can be freed on completion
-    this.#chains.set(ids[0], ids);
-    this.#pushAvail(ids[0]);
+    this.#chainIds[ids[0]] = ids;
     return ids[0];
   }
 
-  readonly #chains = new Map<number, number[]>();
+  /** Rewrites the flags of descriptor `id` (e.g. the data descriptor's WRITE bit of a reserved chain). */
+  setDescFlags(id: number, flags: number): void {
+    this.#view.setUint16(this.#desc + 16 * id + 12, flags, true);
+  }
+
+  /** The ids of the chain headed by `head` (reserved or in flight). */
+  chainOf(head: number): readonly number[] {
+    return this.#chainIds[head] ?? [head];
+  }
+
+  /** Puts `head` on the avail ring (shadow index; publish() makes it visible). */
+  submitHead(head: number): void {
+    this.#state[head] = 1;
+    this.#pushAvail(head);
+  }
+
+  /** Releases a reserved chain's descriptors (it must not be in flight). */
+  releaseChain(head: number): void {
+    const ids = this.#chainIds[head];
+    if (!ids) return;
+    this.#chainIds[head] = undefined;
+    for (let j = ids.length - 1; j >= 0; j--) this.#free.push(ids[j]);
+  }
 
   #pushAvail(head: number): void {
     this.#u16[this.#availRingAt + (this.availIdx & this.#mask)] = head;
     this.availIdx = (this.availIdx + 1) & 0xffff;
   }
+
+  readonly #state: Uint8Array;
+  readonly #chainIds: Array<number[] | undefined>;
+  /** Heads added with add() (freed on completion), as opposed to reserved chains. */
+  readonly #transient: Uint8Array;
 
   /**
    * Makes everything added since the last publish visible (one store of avail->idx, then a full
@@ -345,17 +385,13 @@ export class SplitQueue {
       const slot = this.#usedRingAt + 2 * (this.lastUsed & this.#mask);
       const id = this.#u32[slot];
       const len = this.#u32[slot + 1];
-      const count = this.#chainLen.get(id);
-      if (count === undefined) {
+      if (id >= this.size || this.#state[id] !== 1) {
         throw new Error(`device returned used.id ${id} (len ${len}), which is not an in-flight head`);
       }
-      this.#chainLen.delete(id);
-      const ids = this.#chains.get(id);
-      if (ids) {
-        this.#chains.delete(id);
-        for (let j = ids.length - 1; j >= 0; j--) this.#free.push(ids[j]);
-      } else {
-        this.#free.push(id);
+      this.#state[id] = 0;
+      if (this.#transient[id]) {
+        this.#transient[id] = 0;
+        this.releaseChain(id);
       }
       this.lastUsed = (this.lastUsed + 1) & 0xffff;
       done(id, len);
@@ -395,7 +431,7 @@ export class SplitQueue {
   rawAvail(head: number): void {
     const i = this.#free.indexOf(head);
     if (i >= 0) this.#free.splice(i, 1);
-    this.#chainLen.set(head, 1);
+    this.#state[head & this.#mask] = 1;
     this.#pushAvail(head);
   }
 
@@ -413,7 +449,9 @@ export class SplitQueue {
 
   /** Descriptor ids of in-flight chains (head -> all ids), for inflight-region tests. */
   inFlightHeads(): number[] {
-    return [...this.#chainLen.keys()];
+    const out: number[] = [];
+    this.#state.forEach((v, i) => v && out.push(i));
+    return out;
   }
 
   /** Writes a used entry as if the device had (to simulate a back-end that died mid-batch). */
