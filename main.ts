@@ -6,11 +6,14 @@ import { ErrnoError } from "./ffi/mod.ts";
 import { InputError, UsageError } from "./lib/cli/errors.ts";
 import { VERSION } from "./lib/version.ts";
 import { main as ivshmemMain } from "./lib/ivshmem/mod.ts";
+import { main as orchestrateMain, qmpMain } from "./lib/orchestrate/cli.ts";
 
 type Command = { summary: string; main: (args: string[]) => Promise<number> };
 
 /** Subcommands; each module's main returns the exit code. */
 const COMMANDS: Record<string, Command> = {
+  orchestrate: { summary: "multi-process QEMU from a JSON topology", main: orchestrateMain },
+  qmp: { summary: "run one QMP command on a QEMU monitor socket", main: qmpMain },
   ivshmem: { summary: "ivshmem server (drop-in for contrib ivshmem-server) and client", main: ivshmemMain },
 };
 
