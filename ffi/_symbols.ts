@@ -159,6 +159,8 @@ export const SYMBOLS = {
   },
   // int posix_spawn_file_actions_addclosefrom_np(posix_spawn_file_actions_t *fa, int from);
   posix_spawn_file_actions_addclosefrom_np: { parameters: ["buffer", "i32"], result: "i32" },
+  // int posix_spawn_file_actions_addclose(posix_spawn_file_actions_t *fa, int fd);
+  posix_spawn_file_actions_addclose: { parameters: ["buffer", "i32"], result: "i32" },
   // int posix_spawn_file_actions_addchdir_np(posix_spawn_file_actions_t *fa, const char *path);
   posix_spawn_file_actions_addchdir_np: { parameters: ["buffer", "buffer"], result: "i32" },
   // int posix_spawnattr_init(posix_spawnattr_t *attr);

@@ -6,7 +6,7 @@
 import { cstr, libc } from "./_libc.ts";
 import { OPAQUE, SIGINFO } from "./_layout.ts";
 import { check, checkReturn, Errno, ErrnoError, lastErrno } from "./errno.ts";
-import { OpenFlags, OwnedFd } from "./fd.ts";
+import { listOpenFds, OpenFlags, OwnedFd } from "./fd.ts";
 import { cStringArray, signalName } from "./process.ts";
 
 const POSIX_SPAWN_SETPGROUP = 0x02;
@@ -174,6 +174,12 @@ export function spawn(path: string, argv: readonly string[], options: SpawnOptio
         libc.posix_spawn_file_actions_adddup2(fa, tmp.unsafeFd, target),
       );
     }
+    // closefrom below only reaches fds above every target; close the parent's fds between 3 and the
+    // highest target that are not mapped (CLOEXEC would close most at exec, but not an inherited one).
+    for (const fd of listOpenFds()) {
+      if (fd < 3 || fd > maxTarget || fds.has(fd)) continue;
+      checkReturn("posix_spawn_file_actions_addclose", libc.posix_spawn_file_actions_addclose(fa, fd));
+    }
     if (options.stdio === "null") {
       const devnull = cstr("/dev/null");
       keep.push(devnull);
@@ -203,6 +209,10 @@ export function spawn(path: string, argv: readonly string[], options: SpawnOptio
     const all = new Uint8Array(OPAQUE.sigset);
     const none = new Uint8Array(OPAQUE.sigset);
     check("sigfillset", libc.sigfillset(all));
+    // glibc's sigfillset leaves out its internal signals 32 and 33 (SIGCANCEL, SIGSETXID), and its
+    // posix_spawn child sets those to SIG_IGN, which exec keeps: name every signal 1..64 explicitly
+    // so the child starts with all of them at SIG_DFL.
+    new DataView(all.buffer).setBigUint64(0, 0xffffffffffffffffn, true);
     check("sigemptyset", libc.sigemptyset(none));
     checkReturn("posix_spawnattr_setsigdefault", libc.posix_spawnattr_setsigdefault(attr, all));
     checkReturn("posix_spawnattr_setsigmask", libc.posix_spawnattr_setsigmask(attr, none));
