@@ -1,0 +1,152 @@
+import assert from "node:assert/strict";
+import { EventFd } from "./eventfd.ts";
+import { Reactor, type Readiness } from "./epoll.ts";
+import { getpid, kill, Signal } from "./process.ts";
+import { socketPair } from "./socket.ts";
+
+Deno.test("Reactor readable callback runs when data arrives; stop ends run()", async () => {
+  using reactor = new Reactor();
+  const [a, b] = socketPair();
+  try {
+    const got: number[] = [];
+    const watch = reactor.add(b.fd, { readable: true }, (r) => {
+      assert.equal(r.readable, true);
+      const buf = new Uint8Array(8);
+      const m = b.recvMsg(buf);
+      if (m) got.push(...buf.subarray(0, m.bytes));
+      if (got.length >= 3) reactor.stop();
+    });
+    assert.equal(reactor.size, 1);
+    setTimeout(() => a.sendMsg(new Uint8Array([1, 2, 3])), 10);
+    await reactor.run();
+    assert.deepEqual(got, [1, 2, 3]);
+    watch.remove();
+    assert.equal(watch.active, false);
+    assert.equal(reactor.size, 0);
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+Deno.test("Reactor writable fires at once on an empty socket; modify switches to readable only", async () => {
+  using reactor = new Reactor();
+  const [a, b] = socketPair();
+  try {
+    const seen: Array<Partial<Readiness>> = [];
+    const watch = reactor.add(a.fd, { writable: true }, (r) => {
+      seen.push({ readable: r.readable, writable: r.writable });
+      if (r.writable) {
+        watch.modify({ readable: true });
+        b.sendMsg(new Uint8Array([7]));
+      } else if (r.readable) {
+        a.recvMsg(new Uint8Array(1));
+        reactor.stop();
+      }
+    });
+    await reactor.run();
+    assert.deepEqual(seen, [{ readable: false, writable: true }, { readable: true, writable: false }]);
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
+Deno.test("Reactor hangup is reported when the peer closes", async () => {
+  using reactor = new Reactor();
+  const [a, b] = socketPair();
+  let hangup = false;
+  reactor.add(b.fd, { readable: true }, (r) => {
+    hangup = r.hangup;
+    reactor.stop();
+  });
+  a.close();
+  await reactor.run();
+  b.close();
+  assert.equal(hangup, true);
+});
+
+Deno.test("Reactor a removed watch's callback never runs again, even for collected events", async () => {
+  using reactor = new Reactor();
+  using e1 = new EventFd();
+  using e2 = new EventFd();
+  const calls: string[] = [];
+  // Both become readable in the same epoll_wait; whichever runs first removes the other.
+  const w1 = reactor.add(e1.fd, { readable: true }, () => {
+    calls.push("e1");
+    w2.remove();
+    e1.drain();
+    setTimeout(() => reactor.stop(), 20);
+  });
+  const w2 = reactor.add(e2.fd, { readable: true }, () => {
+    calls.push("e2");
+    w1.remove();
+    e2.drain();
+    setTimeout(() => reactor.stop(), 20);
+  });
+  e1.signal();
+  e2.signal();
+  await reactor.run();
+  assert.equal(calls.length, 1, `exactly one callback ran: ${calls}`);
+});
+
+Deno.test("Reactor stop with nothing registered resolves run() with no epoll_wait left in flight", async () => {
+  using reactor = new Reactor();
+  const t = setTimeout(() => reactor.stop(), 30);
+  await reactor.run();
+  clearTimeout(t);
+  assert.equal(reactor.stopping, true);
+  // Deno's op sanitizer fails this test if the nonblocking epoll_wait were still pending.
+});
+
+Deno.test("Reactor a throwing callback makes run() reject with that error", async () => {
+  using reactor = new Reactor();
+  using ev = new EventFd();
+  reactor.add(ev.fd, { readable: true }, () => {
+    throw new Error("callback failed on purpose");
+  });
+  ev.signal();
+  await assert.rejects(reactor.run(), /callback failed on purpose/);
+});
+
+Deno.test("Reactor with onError keeps running after a callback throws", async () => {
+  const errors: unknown[] = [];
+  using reactor = new Reactor({ onError: (e) => errors.push(e) });
+  using ev = new EventFd();
+  let calls = 0;
+  reactor.add(ev.fd, { readable: true }, () => {
+    ev.drain();
+    calls++;
+    if (calls === 1) {
+      ev.signal();
+      throw new Error("first");
+    }
+    reactor.stop();
+  });
+  ev.signal();
+  await reactor.run();
+  assert.equal(calls, 2);
+  assert.equal(errors.length, 1);
+  assert.match(String(errors[0]), /first/);
+});
+
+Deno.test("Reactor routes SIGUSR1 sent to this process to onSignal and removes the listener after", async () => {
+  using reactor = new Reactor();
+  let got = 0;
+  reactor.onSignal("SIGUSR1", () => {
+    got++;
+    reactor.stop();
+  });
+  setTimeout(() => kill(getpid(), Signal.SIGUSR1), 20);
+  await reactor.run();
+  assert.equal(got, 1);
+});
+
+Deno.test("Reactor run twice at once and close while running are refused", async () => {
+  using reactor = new Reactor();
+  const running = reactor.run();
+  await assert.rejects(reactor.run(), /already running/);
+  assert.throws(() => reactor.close(), /while run\(\) is in flight/);
+  reactor.stop();
+  await running;
+});
