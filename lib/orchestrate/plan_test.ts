@@ -276,5 +276,5 @@ Deno.test("plan formatting quotes for the shell and lists fds and readiness", ()
   assert.match(text, /fd 5 <- socketpair remote-lsi0 end 0/);
   assert.match(text, /fd 3 <- listening socket \/run\/mpq-t\/qmp\.sock/);
   assert.match(text, /ready when: QMP greeting received/);
-  assert.match(text, /step 1 +query-status  expect \{"status":"prelaunch"\}/);
+  assert.match(text, /step 1 +query-status {2}expect \{"status":"prelaunch"\}/);
 });
