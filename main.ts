@@ -7,6 +7,7 @@ import { InputError, UsageError } from "./lib/cli/errors.ts";
 import { VERSION } from "./lib/version.ts";
 import { main as ivshmemMain } from "./lib/ivshmem/mod.ts";
 import { main as orchestrateMain, qmpMain } from "./lib/orchestrate/cli.ts";
+import { main as vhostMain } from "./lib/vhost/cli.ts";
 
 type Command = { summary: string; main: (args: string[]) => Promise<number> };
 
@@ -15,6 +16,7 @@ const COMMANDS: Record<string, Command> = {
   orchestrate: { summary: "multi-process QEMU from a JSON topology", main: orchestrateMain },
   qmp: { summary: "run one QMP command on a QEMU monitor socket", main: qmpMain },
   ivshmem: { summary: "ivshmem server (drop-in for contrib ivshmem-server) and client", main: ivshmemMain },
+  vhost: { summary: "vhost-user back-end daemons (blk, rng)", main: vhostMain },
 };
 
 const USAGE = `mpq ${VERSION}: host-side plumbing for disaggregated QEMU devices

@@ -1,0 +1,169 @@
+/**
+ * Socket I/O of one vhost-user connection on the reactor: reads the 12-byte header with recvmsg
+ * (the fds travel with it), then the payload, hands each message to the handler and writes the
+ * reply. Framing errors (bad version, oversized payload, more than 8 fds) close the connection;
+ * the daemon then serves the next one.
+ * @module
+ */
+import type { OwnedFd, Reactor, UnixSocket, Watch } from "../../ffi/mod.ts";
+import type { Outcome, VhostUserHandler } from "./handler.ts";
+import { decodeHeader, HEADER_SIZE, MAX_FDS, requestName } from "./message.ts";
+
+/** Options for a connection. */
+export interface ConnectionOptions {
+  /** Called once after the connection closed and the handler released everything. */
+  onClose?: (reason: string) => void;
+  /** Diagnostics (default console.error). */
+  log?: (line: string) => void;
+  /** Log every message (MPQ_VHOST_TRACE=1). */
+  trace?: boolean;
+}
+
+/**
+ * @example
+ * const conn = new VhostUserConnection(socket, handler, reactor, { onClose: () => acceptNext() });
+ */
+export class VhostUserConnection {
+  readonly #sock: UnixSocket;
+  readonly #handler: VhostUserHandler;
+  readonly #watch: Watch;
+  readonly #opts: ConnectionOptions;
+  readonly #log: (line: string) => void;
+  readonly #hdr = new Uint8Array(HEADER_SIZE);
+  #hdrGot = 0;
+  #request = 0;
+  #flags = 0;
+  #payload: Uint8Array<ArrayBuffer> | null = null;
+  #payGot = 0;
+  #fds: OwnedFd[] = [];
+  #out: { data: Uint8Array<ArrayBuffer>; fds: OwnedFd[] }[] = [];
+  #closed = false;
+
+  constructor(
+    sock: UnixSocket,
+    handler: VhostUserHandler,
+    reactor: Reactor,
+    options: ConnectionOptions = {},
+  ) {
+    this.#sock = sock;
+    this.#handler = handler;
+    this.#opts = options;
+    this.#log = options.log ?? ((l) => console.error(l));
+    this.#watch = reactor.add(sock.fd, { readable: true }, (r) => {
+      try {
+        if (r.writable) this.#flushOut();
+        if (r.readable || r.hangup || r.error) this.#onReadable();
+      } catch (e) {
+        this.close(`${(e as Error).message}`);
+      }
+    });
+  }
+
+  /** Whether the connection has closed. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  #onReadable(): void {
+    while (!this.#closed) {
+      if (this.#payload === null) {
+        const got = this.#sock.recvMsg(this.#hdr.subarray(this.#hdrGot));
+        if (got === null) return;
+        this.#takeFds(got.fds);
+        if (got.bytes === 0) return this.close("front-end closed the connection");
+        this.#hdrGot += got.bytes;
+        if (this.#hdrGot < HEADER_SIZE) continue;
+        const h = decodeHeader(this.#hdr);
+        this.#request = h.request;
+        this.#flags = h.flags;
+        this.#payload = new Uint8Array(h.size);
+        this.#payGot = 0;
+      }
+      if (this.#payGot < this.#payload.byteLength) {
+        const got = this.#sock.recvMsg(this.#payload.subarray(this.#payGot));
+        if (got === null) return;
+        this.#takeFds(got.fds);
+        if (got.bytes === 0) return this.close("front-end closed the connection mid-message");
+        this.#payGot += got.bytes;
+        if (this.#payGot < this.#payload.byteLength) continue;
+      }
+      this.#dispatch();
+    }
+  }
+
+  #takeFds(fds: OwnedFd[]): void {
+    for (const f of fds) this.#fds.push(f);
+    if (this.#fds.length > MAX_FDS) {
+      throw new Error(`${this.#fds.length} fds with one message, at most ${MAX_FDS}`);
+    }
+  }
+
+  #dispatch(): void {
+    const msg = {
+      request: this.#request,
+      flags: this.#flags,
+      payload: this.#payload!,
+      fds: this.#fds as (OwnedFd | null)[],
+    };
+    this.#hdrGot = 0;
+    this.#payload = null;
+    this.#fds = [];
+    if (this.#opts.trace) {
+      this.#log(
+        `mpq vhost: <- ${requestName(msg.request)} flags 0x${
+          msg.flags.toString(16)
+        } ${msg.payload.byteLength}B ${msg.fds.length} fd(s)`,
+      );
+    }
+    let out: Outcome;
+    try {
+      out = this.#handler.handle(msg);
+    } finally {
+      for (const f of msg.fds) f?.close();
+    }
+    if (out.reply) this.#send(out.reply, out.fds ?? []);
+    else for (const f of out.fds ?? []) f.close();
+    if (out.close) this.close(out.close);
+  }
+
+  #send(data: Uint8Array<ArrayBuffer>, fds: OwnedFd[]): void {
+    this.#out.push({ data, fds });
+    this.#flushOut();
+  }
+
+  #flushOut(): void {
+    while (this.#out.length > 0 && !this.#closed) {
+      const item = this.#out[0];
+      const n = this.#sock.sendMsg(item.data, item.fds);
+      if (n === null) {
+        this.#watch.modify({ readable: true, writable: true });
+        return;
+      }
+      for (const f of item.fds) f.close();
+      item.fds = [];
+      if (n < item.data.byteLength) {
+        item.data = item.data.subarray(n);
+        continue;
+      }
+      this.#out.shift();
+    }
+    if (!this.#closed) this.#watch.modify({ readable: true });
+  }
+
+  /** Closes the connection: handler cleanup, socket close, onClose. Idempotent. */
+  close(reason = "closed"): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#watch.remove();
+    for (const f of this.#fds) f.close();
+    this.#fds = [];
+    for (const o of this.#out) for (const f of o.fds) f.close();
+    this.#out = [];
+    try {
+      this.#handler.close();
+    } finally {
+      this.#sock.close();
+      this.#opts.onClose?.(reason);
+    }
+  }
+}

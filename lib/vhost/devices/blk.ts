@@ -1,0 +1,525 @@
+/**
+ * virtio-blk over vhost-user (virtio 1.2 §5.2): IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES on a
+ * raw file or block device. Data moves by preadv/pwritev (or io_uring) straight between the file
+ * and mapped guest memory; a kick's requests are queued, then submitted once, then the used index
+ * is published once.
+ * @module
+ */
+import {
+  deviceSize,
+  type ErrnoError,
+  IoVecs,
+  OpenFlags,
+  openPath,
+  type OwnedFd,
+  punchHole,
+  type Reactor,
+  zeroRange,
+} from "../../../ffi/mod.ts";
+import { InputError } from "../../cli/errors.ts";
+import type { DeviceContext, VhostUserDevice } from "../backend.ts";
+import type { GuestRegion } from "../guest_memory.ts";
+import { bit, MAX_CONFIG_SIZE } from "../message.ts";
+import type { QueueMetrics } from "../metrics.ts";
+import { DescriptorChain, type VirtQueue } from "../virtqueue.ts";
+import { type BlkIoEngine, type BlkIoRequest, SyncEngine } from "./blk_io.ts";
+
+/** virtio-blk feature bits. */
+export const BlkFeature = {
+  SIZE_MAX: 1,
+  SEG_MAX: 2,
+  GEOMETRY: 4,
+  RO: 5,
+  BLK_SIZE: 6,
+  FLUSH: 9,
+  TOPOLOGY: 10,
+  CONFIG_WCE: 11,
+  MQ: 12,
+  DISCARD: 13,
+  WRITE_ZEROES: 14,
+} as const;
+
+/** Request types. */
+export const BlkType = { IN: 0, OUT: 1, FLUSH: 4, GET_ID: 8, DISCARD: 11, WRITE_ZEROES: 13 } as const;
+/** Status values. */
+export const BlkStatus = { OK: 0, IOERR: 1, UNSUPP: 2 } as const;
+
+/** Config space offsets (struct virtio_blk_config). */
+export const BlkConfig = {
+  capacity: 0,
+  size_max: 8,
+  seg_max: 12,
+  blk_size: 20,
+  physical_block_exp: 24,
+  min_io_size: 26,
+  opt_io_size: 28,
+  writeback: 32,
+  num_queues: 34,
+  max_discard_sectors: 36,
+  max_discard_seg: 40,
+  discard_sector_alignment: 44,
+  max_write_zeroes_sectors: 48,
+  max_write_zeroes_seg: 52,
+  write_zeroes_may_unmap: 56,
+  size: 60,
+} as const;
+
+/** Data segments one request may carry (config seg_max). */
+export const SEG_MAX = 126;
+/** Largest discard / write-zeroes request in sectors. */
+export const MAX_DISCARD_SECTORS = 0x3fffff;
+const SECTOR = 512;
+const ID_BYTES = 20;
+const MAX_DWZ_SEGS = 16;
+
+/** Which I/O engine: "auto" picks the best available. */
+export type EngineChoice = "auto" | "uring" | "preadv";
+
+/** Options for the engine factory. */
+export interface EngineOptions {
+  engine?: EngineChoice;
+  /** Queue depth the engine should size itself for (the virtqueue size). */
+  depth?: number;
+}
+
+/**
+ * The one place an I/O engine is chosen. "auto" uses io_uring when available, else preadv.
+ * @example
+ * const engine = createEngine(file, reactor, { engine: "auto" });
+ */
+export function createEngine(file: OwnedFd, _reactor: Reactor, options: EngineOptions = {}): BlkIoEngine {
+  const choice = options.engine ?? "auto";
+  if (choice === "uring") {
+    throw new InputError("--engine uring: the io_uring engine is not available in this build");
+  }
+  return new SyncEngine(file);
+}
+
+/** Options of a block device. */
+export interface BlkOptions {
+  readOnly?: boolean;
+  /** GET_ID answer (at most 20 bytes). */
+  serial?: string;
+  /** Logical block size: 512 or 4096. */
+  blkSize?: number;
+  numQueues?: number;
+  /** O_DIRECT. */
+  direct?: boolean;
+  /** Advertise a writeback cache (FLUSH makes data durable); default writethrough. */
+  writeback?: boolean;
+  engine?: EngineChoice;
+}
+
+/** Opens the backing file or block device; throws InputError naming the file. */
+export function openBlkFile(path: string, options: BlkOptions = {}): { fd: OwnedFd; size: number } {
+  const flags = (options.readOnly ? OpenFlags.O_RDONLY : OpenFlags.O_RDWR) |
+    (options.direct ? OpenFlags.O_DIRECT : 0);
+  let fd: OwnedFd;
+  try {
+    fd = openPath(path, flags);
+  } catch (e) {
+    throw new InputError(`--blk-file ${path}: ${(e as ErrnoError).message}`);
+  }
+  try {
+    const { size } = deviceSize(fd);
+    const blk = options.blkSize ?? 512;
+    if (size < blk) {
+      throw new InputError(`--blk-file ${path}: ${size} bytes, smaller than one ${blk}-byte block`);
+    }
+    return { fd, size };
+  } catch (e) {
+    fd.close();
+    throw e;
+  }
+}
+
+/** One request slot per descriptor head: reused, never allocated per request. */
+class BlkRequest implements BlkIoRequest {
+  op: "read" | "write" | "flush" = "read";
+  offset = 0;
+  readonly iov: IoVecs;
+  readonly q: BlkQueue;
+  head = 0;
+  type = 0;
+  dataLen = 0;
+  statusRegion: GuestRegion | null = null;
+  statusOff = 0;
+  start = 0;
+  /** Writethrough: the write is done, its flush is in flight. */
+  flushing = false;
+  /** Writethrough: what the write returned while its flush runs. */
+  writeResult = 0;
+
+  constructor(q: BlkQueue) {
+    this.q = q;
+    this.iov = new IoVecs(SEG_MAX + 2);
+  }
+
+  done(result: number): void {
+    this.q.complete(this, result);
+  }
+}
+
+/** Per-queue state of the block device. */
+class BlkQueue {
+  readonly dev: BlkDevice;
+  readonly engine: BlkIoEngine;
+  readonly metrics: QueueMetrics;
+  vq: VirtQueue;
+  readonly slots: (BlkRequest | undefined)[] = [];
+  inKick = false;
+  /** A completion queued more I/O during the kick (writethrough flush): submit again. */
+  requeued = false;
+  #flushQueued = false;
+  readonly #flushLater = () => {
+    this.#flushQueued = false;
+    if (!this.inKick) this.vq.flush();
+  };
+
+  constructor(dev: BlkDevice, vq: VirtQueue, engine: BlkIoEngine, metrics: QueueMetrics) {
+    this.dev = dev;
+    this.vq = vq;
+    this.engine = engine;
+    this.metrics = metrics;
+  }
+
+  slot(head: number): BlkRequest {
+    return this.slots[head] ??= new BlkRequest(this);
+  }
+
+  /** Completion from the engine (or inline). */
+  complete(req: BlkRequest, result: number): void {
+    if (result >= 0 && req.op === "write" && !this.dev.writeback && !req.flushing) {
+      // Writethrough: the write completes only once it is durable.
+      req.flushing = true;
+      req.writeResult = result;
+      req.op = "flush";
+      this.engine.queue(req);
+      if (this.inKick) this.requeued = true;
+      else this.engine.submit();
+      return;
+    }
+    if (req.flushing && result >= 0) result = req.writeResult;
+    let status: number = BlkStatus.OK;
+    let used = 1;
+    if (result < 0) status = BlkStatus.IOERR;
+    else if (req.type === BlkType.IN) {
+      if (result !== req.dataLen) status = BlkStatus.IOERR;
+      else used += req.dataLen;
+    } else if (req.type === BlkType.OUT && result !== req.dataLen) status = BlkStatus.IOERR;
+    this.finish(req, status, used);
+  }
+
+  finish(req: BlkRequest, status: number, usedLen: number): void {
+    req.flushing = false;
+    if (req.statusRegion) req.statusRegion.bytes[req.statusOff] = status;
+    const m = this.metrics;
+    m.requests++;
+    if (status !== BlkStatus.OK) m.errors++;
+    else if (req.type === BlkType.IN) m.readBytes += req.dataLen;
+    else if (req.type === BlkType.OUT) m.writeBytes += req.dataLen;
+    m.observe((performance.now() - req.start) * 1000);
+    this.vq.pushUsed(req.head, usedLen);
+    if (!this.inKick && !this.#flushQueued) {
+      this.#flushQueued = true;
+      queueMicrotask(this.#flushLater);
+    }
+  }
+}
+
+/**
+ * @example
+ * const { fd, size } = openBlkFile("disk.img");
+ * const dev = new BlkDevice(fd, size, { numQueues: 2, writeback: true });
+ */
+export class BlkDevice implements VhostUserDevice {
+  readonly type = "block";
+  readonly features: bigint;
+  readonly numQueues: number;
+  readonly readOnly: boolean;
+  readonly size: number;
+  readonly blkSize: number;
+  writeback: boolean;
+  readonly #file: OwnedFd;
+  readonly #serial: Uint8Array;
+  readonly #engineChoice: EngineChoice;
+  readonly #queues: (BlkQueue | undefined)[] = [];
+  readonly #chain = new DescriptorChain();
+  readonly #scratch = new Uint8Array(16 * MAX_DWZ_SEGS);
+  readonly #scratchView = new DataView(this.#scratch.buffer);
+  readonly #config = new Uint8Array(MAX_CONFIG_SIZE);
+
+  constructor(file: OwnedFd, size: number, options: BlkOptions = {}) {
+    this.#file = file;
+    this.size = size;
+    this.readOnly = options.readOnly ?? false;
+    this.blkSize = options.blkSize ?? 512;
+    this.numQueues = options.numQueues ?? 1;
+    this.writeback = options.writeback ?? false;
+    this.#engineChoice = options.engine ?? "auto";
+    const serial = new TextEncoder().encode(options.serial ?? "");
+    if (serial.byteLength > ID_BYTES) {
+      throw new RangeError(`--serial must be at most ${ID_BYTES} bytes: got ${serial.byteLength}`);
+    }
+    this.#serial = serial;
+    let f = bit(BlkFeature.SEG_MAX) | bit(BlkFeature.BLK_SIZE) | bit(BlkFeature.FLUSH) |
+      bit(BlkFeature.CONFIG_WCE) | bit(BlkFeature.TOPOLOGY);
+    if (this.numQueues > 1) f |= bit(BlkFeature.MQ);
+    if (this.readOnly) f |= bit(BlkFeature.RO);
+    else f |= bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES);
+    this.features = f;
+    this.#fillConfig();
+  }
+
+  /** Requests queued or in flight in the engines. */
+  get pending(): number {
+    let n = 0;
+    for (const q of this.#queues) n += q?.engine.pending ?? 0;
+    return n;
+  }
+
+  #fillConfig(): void {
+    const v = new DataView(this.#config.buffer);
+    const sectorsPerBlock = this.blkSize / SECTOR;
+    v.setBigUint64(BlkConfig.capacity, BigInt(Math.floor(this.size / this.blkSize) * sectorsPerBlock), true);
+    v.setUint32(BlkConfig.seg_max, SEG_MAX, true);
+    v.setUint32(BlkConfig.blk_size, this.blkSize, true);
+    v.setUint8(BlkConfig.physical_block_exp, 0);
+    v.setUint16(BlkConfig.min_io_size, 1, true);
+    v.setUint32(BlkConfig.opt_io_size, 0, true);
+    v.setUint8(BlkConfig.writeback, this.writeback ? 1 : 0);
+    v.setUint16(BlkConfig.num_queues, this.numQueues, true);
+    v.setUint32(BlkConfig.max_discard_sectors, MAX_DISCARD_SECTORS, true);
+    v.setUint32(BlkConfig.max_discard_seg, 1, true);
+    v.setUint32(BlkConfig.discard_sector_alignment, sectorsPerBlock, true);
+    v.setUint32(BlkConfig.max_write_zeroes_sectors, MAX_DISCARD_SECTORS, true);
+    v.setUint32(BlkConfig.max_write_zeroes_seg, 1, true);
+    v.setUint8(BlkConfig.write_zeroes_may_unmap, 1);
+  }
+
+  /** Capacity in 512-byte sectors. */
+  get capacitySectors(): number {
+    return Math.floor(this.size / this.blkSize) * (this.blkSize / SECTOR);
+  }
+
+  readConfig(offset: number, size: number): Uint8Array {
+    this.#config[BlkConfig.writeback] = this.writeback ? 1 : 0;
+    return this.#config.slice(offset, offset + size);
+  }
+
+  writeConfig(offset: number, data: Uint8Array): void {
+    if (offset === BlkConfig.writeback && data.byteLength === 1 && data[0] <= 1) {
+      this.writeback = data[0] === 1;
+      return;
+    }
+    throw new RangeError(
+      `config write at ${offset} (${data.byteLength} bytes): only writeback (offset 32) is writable`,
+    );
+  }
+
+  setFeatures(_features: bigint): void {}
+
+  startQueue(vq: VirtQueue, ctx: DeviceContext): void {
+    let q = this.#queues[vq.index];
+    if (!q) {
+      const engine = createEngine(this.#file, ctx.reactor, { engine: this.#engineChoice, depth: vq.size });
+      q = new BlkQueue(this, vq, engine, ctx.metrics.queue(vq.index));
+      this.#queues[vq.index] = q;
+    }
+    q.vq = vq;
+  }
+
+  stopQueue(vq: VirtQueue): void {
+    const q = this.#queues[vq.index];
+    if (q && q.engine.pending > 0) q.engine.submit();
+  }
+
+  processQueue(vq: VirtQueue): void {
+    const q = this.#queues[vq.index]!;
+    const chain = this.#chain;
+    q.inKick = true;
+    try {
+      do {
+        while (vq.pop(chain)) this.#request(q, chain);
+        q.engine.submit();
+        // Writethrough flushes queued by completions inside submit() need another round.
+        while (q.requeued) {
+          q.requeued = false;
+          q.engine.submit();
+        }
+        vq.flush();
+      } while (vq.enableNotification());
+    } finally {
+      q.inKick = false;
+    }
+  }
+
+  /** Parses one chain and queues its I/O (or completes it at once). */
+  #request(q: BlkQueue, c: DescriptorChain): void {
+    const req = q.slot(c.head);
+    req.head = c.head;
+    req.start = performance.now();
+    req.flushing = false;
+    req.statusRegion = null;
+    req.dataLen = 0;
+    req.iov.clear();
+    const n = c.count;
+    // The status byte is the last byte of the last (device-writable) buffer.
+    if (n === 0 || !c.writes[n - 1] || c.readable < 16) {
+      req.type = -1;
+      return q.finish(req, BlkStatus.IOERR, 0);
+    }
+    req.statusRegion = c.regions[n - 1];
+    req.statusOff = c.offsets[n - 1] + c.lengths[n - 1] - 1;
+    let type: number, sectorLo: number, sectorHi: number;
+    if (!c.writes[0] && c.lengths[0] >= 16) {
+      const v = c.regions[0]!.view;
+      const o = c.offsets[0];
+      type = v.getUint32(o, true);
+      sectorLo = v.getUint32(o + 8, true);
+      sectorHi = v.getUint32(o + 12, true);
+    } else {
+      this.#copyReadable(c, 0, 16);
+      const v = this.#scratchView;
+      type = v.getUint32(0, true);
+      sectorLo = v.getUint32(8, true);
+      sectorHi = v.getUint32(12, true);
+    }
+    req.type = type;
+    const offset = sectorHi >= 0x100000 ? Infinity : (sectorHi * 4294967296 + sectorLo) * SECTOR;
+    switch (type) {
+      case BlkType.IN: {
+        const len = this.#pushData(req.iov, c, true);
+        if (len < 0 || offset + len > this.size) return q.finish(req, BlkStatus.IOERR, 1);
+        req.dataLen = len;
+        req.op = "read";
+        req.offset = offset;
+        return q.engine.queue(req);
+      }
+      case BlkType.OUT: {
+        if (this.readOnly) return q.finish(req, BlkStatus.IOERR, 1);
+        const len = this.#pushData(req.iov, c, false);
+        if (len < 0 || offset + len > this.size) return q.finish(req, BlkStatus.IOERR, 1);
+        req.dataLen = len;
+        req.op = "write";
+        req.offset = offset;
+        return q.engine.queue(req);
+      }
+      case BlkType.FLUSH:
+        req.op = "flush";
+        return q.engine.queue(req);
+      case BlkType.GET_ID:
+        return q.finish(req, BlkStatus.OK, 1 + this.#writeId(c));
+      case BlkType.DISCARD:
+      case BlkType.WRITE_ZEROES:
+        if (this.readOnly) return q.finish(req, BlkStatus.IOERR, 1);
+        return q.finish(req, this.#discard(c, type), 1);
+      default:
+        return q.finish(req, BlkStatus.UNSUPP, 1);
+    }
+  }
+
+  /**
+   * Pushes the data buffers into `iov`: device-writable bytes except the status byte (IN), or
+   * device-readable bytes after the 16-byte header (OUT). Returns the byte count, -1 if too many.
+   */
+  #pushData(iov: IoVecs, c: DescriptorChain, writable: boolean): number {
+    const n = c.count;
+    let skip = writable ? 0 : 16;
+    let total = 0;
+    for (let i = 0; i < n; i++) {
+      if ((c.writes[i] === 1) !== writable) continue;
+      let off = c.offsets[i];
+      let len = c.lengths[i];
+      if (writable && i === n - 1) len -= 1; // the status byte
+      if (skip > 0) {
+        const s = Math.min(skip, len);
+        off += s;
+        len -= s;
+        skip -= s;
+      }
+      if (len === 0) continue;
+      if (iov.count >= iov.capacity) return -1;
+      iov.push(c.regions[i]!.map, off, len);
+      total += len;
+    }
+    return total;
+  }
+
+  /** Copies `len` device-readable bytes starting at readable offset `from` into the scratch buffer. */
+  #copyReadable(c: DescriptorChain, from: number, len: number): number {
+    let pos = 0;
+    let skip = from;
+    for (let i = 0; i < c.count && pos < len; i++) {
+      if (c.writes[i]) continue;
+      let off = c.offsets[i];
+      let l = c.lengths[i];
+      if (skip > 0) {
+        const s = Math.min(skip, l);
+        off += s;
+        l -= s;
+        skip -= s;
+      }
+      const k = Math.min(l, len - pos);
+      if (k > 0) this.#scratch.set(c.regions[i]!.bytes.subarray(off, off + k), pos);
+      pos += k;
+    }
+    return pos;
+  }
+
+  #writeId(c: DescriptorChain): number {
+    const n = c.count;
+    let pos = 0;
+    const id = new Uint8Array(ID_BYTES);
+    id.set(this.#serial);
+    for (let i = 0; i < n && pos < ID_BYTES; i++) {
+      if (!c.writes[i]) continue;
+      let len = c.lengths[i];
+      if (i === n - 1) len -= 1;
+      const k = Math.min(len, ID_BYTES - pos);
+      if (k <= 0) continue;
+      c.regions[i]!.bytes.set(id.subarray(pos, pos + k), c.offsets[i]);
+      pos += k;
+    }
+    return pos;
+  }
+
+  #discard(c: DescriptorChain, type: number): number {
+    const bytes = c.readable - 16;
+    if (bytes <= 0 || bytes % 16 !== 0 || bytes / 16 > MAX_DWZ_SEGS) return BlkStatus.IOERR;
+    this.#copyReadable(c, 16, bytes);
+    const v = this.#scratchView;
+    for (let s = 0; s < bytes / 16; s++) {
+      const o = 16 * s;
+      const lo = v.getUint32(o, true), hi = v.getUint32(o + 4, true);
+      const num = v.getUint32(o + 8, true);
+      const flags = v.getUint32(o + 12, true);
+      if (hi >= 0x100000 || num > MAX_DISCARD_SECTORS || (flags & ~1) !== 0) return BlkStatus.UNSUPP;
+      const off = (hi * 4294967296 + lo) * SECTOR;
+      const len = num * SECTOR;
+      if (off + len > this.size) return BlkStatus.IOERR;
+      if (len === 0) continue;
+      try {
+        if (type === BlkType.DISCARD || (flags & 1)) punchHole(this.#file, off, len);
+        else zeroRange(this.#file, off, len);
+      } catch (e) {
+        const errno = (e as ErrnoError).errno;
+        if (type === BlkType.DISCARD && errno === 95 /* EOPNOTSUPP */) continue;
+        if (type === BlkType.WRITE_ZEROES && errno === 95) {
+          try {
+            punchHole(this.#file, off, len);
+            continue;
+          } catch { /* fall through */ }
+        }
+        return BlkStatus.IOERR;
+      }
+    }
+    return BlkStatus.OK;
+  }
+
+  close(): void {
+    for (const q of this.#queues) q?.engine.close();
+    this.#queues.length = 0;
+    this.#file.close();
+  }
+}

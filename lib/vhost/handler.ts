@@ -1,0 +1,567 @@
+/**
+ * The vhost-user protocol state machine of one connection: a dispatch table keyed by request
+ * code, features and protocol features, the memory table, the rings' life cycle (started by
+ * SET_VRING_KICK, enabled by SET_VRING_ENABLE when PROTOCOL_FEATURES is negotiated, stopped by
+ * GET_VRING_BASE) and inflight tracking. Only {@link VhostUserHandler.handle} produces replies:
+ * a handler that throws never gets a success ack.
+ * @module
+ */
+import {
+  EventFd,
+  ftruncate,
+  type MappedRegion,
+  mapShared,
+  memfdCreate,
+  type OwnedFd,
+  type Watch,
+} from "../../ffi/mod.ts";
+import type { DeviceContext, VhostUserDevice } from "./backend.ts";
+import { GuestMemory, GuestMemoryError } from "./guest_memory.ts";
+import { InflightQueue, inflightQueueSize } from "./inflight.ts";
+import {
+  bit,
+  decodeConfig,
+  decodeInflight,
+  decodeMemTable,
+  decodeSingleRegion,
+  decodeU64,
+  decodeVringAddr,
+  decodeVringFile,
+  decodeVringState,
+  encodeConfig,
+  encodeInflight,
+  encodeReply,
+  encodeU64,
+  encodeVringState,
+  Flags,
+  type MemoryRegion,
+  ProtocolFeature,
+  Request,
+  requestName,
+  VhostMessageError,
+  VirtioFeature,
+} from "./message.ts";
+import { MAX_QUEUE_SIZE, VirtQueue, VirtqueueError } from "./virtqueue.ts";
+
+/** Protocol features we offer (never STATUS, LOG_*, or anything needing dirty logging). */
+export const OFFERED_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) |
+  bit(ProtocolFeature.CONFIG) | bit(ProtocolFeature.INFLIGHT_SHMFD) |
+  bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) | bit(ProtocolFeature.RESET_DEVICE);
+
+/** Transport features every device gets. */
+export const TRANSPORT_FEATURES = bit(VirtioFeature.VERSION_1) | bit(VirtioFeature.RING_EVENT_IDX) |
+  bit(VirtioFeature.RING_INDIRECT_DESC) | bit(VirtioFeature.NOTIFY_ON_EMPTY) |
+  bit(VirtioFeature.PROTOCOL_FEATURES);
+
+/** Memory slots offered with CONFIGURE_MEM_SLOTS. */
+export const MAX_MEM_SLOTS = 32;
+
+/** One received message; fds are owned by the message until a handler takes them. */
+export interface Message {
+  request: number;
+  flags: number;
+  payload: Uint8Array;
+  fds: (OwnedFd | null)[];
+}
+
+/** What the connection must do after a message. */
+export interface Outcome {
+  /** An encoded reply to send (flags 0x5). */
+  reply?: Uint8Array<ArrayBuffer>;
+  /** Fds to send with the reply; the connection closes them after sending. */
+  fds?: OwnedFd[];
+  /** Close the connection (a message that needed an answer we cannot give). */
+  close?: string;
+}
+
+interface Result {
+  payload: Uint8Array;
+  fds?: OwnedFd[];
+}
+
+type Handler = (m: Message) => Result | void;
+
+interface Entry {
+  fn: Handler;
+  /** The request has a defined reply (GET_*). */
+  replies: boolean;
+}
+
+/** Options for a handler. */
+export interface HandlerOptions {
+  /** Diagnostics (default: console.error). */
+  log?: (line: string) => void;
+}
+
+/**
+ * @example
+ * const h = new VhostUserHandler(device, { reactor, metrics });
+ * const out = h.handle({ request: Request.GET_FEATURES, flags: 1, payload: new Uint8Array(0), fds: [] });
+ */
+export class VhostUserHandler {
+  readonly device: VhostUserDevice;
+  readonly ctx: DeviceContext;
+  readonly queues: VirtQueue[] = [];
+  features = 0n;
+  protocolFeatures = 0n;
+  owner = false;
+  memory: GuestMemory | null = null;
+  readonly #kickWatches: (Watch | null)[] = [];
+  readonly #table = new Map<number, Entry>();
+  readonly #log: (line: string) => void;
+  #inflightMap: MappedRegion | null = null;
+  /** Mappings replaced while I/O may still point into them: unmapped on close(). */
+  #retired: { close(): void }[] = [];
+  #closed = false;
+
+  constructor(device: VhostUserDevice, ctx: DeviceContext, options: HandlerOptions = {}) {
+    this.device = device;
+    this.ctx = ctx;
+    this.#log = options.log ?? ((l) => console.error(l));
+    for (let i = 0; i < device.numQueues; i++) {
+      this.queues.push(new VirtQueue(i));
+      this.#kickWatches.push(null);
+    }
+    const t = this.#table;
+    const on = (req: number, fn: Handler, replies = false) => t.set(req, { fn: fn.bind(this), replies });
+    on(Request.GET_FEATURES, this.#getFeatures, true);
+    on(Request.SET_FEATURES, this.#setFeatures);
+    on(Request.GET_PROTOCOL_FEATURES, this.#getProtocolFeatures, true);
+    on(Request.SET_PROTOCOL_FEATURES, this.#setProtocolFeatures);
+    on(Request.SET_OWNER, this.#setOwner);
+    on(Request.RESET_OWNER, this.#resetDevice);
+    on(Request.RESET_DEVICE, this.#resetDevice);
+    on(Request.SET_MEM_TABLE, this.#setMemTable);
+    on(Request.GET_MAX_MEM_SLOTS, this.#getMaxMemSlots, true);
+    on(Request.ADD_MEM_REG, this.#addMemReg);
+    on(Request.REM_MEM_REG, this.#remMemReg);
+    on(Request.SET_VRING_NUM, this.#setVringNum);
+    on(Request.SET_VRING_ADDR, this.#setVringAddr);
+    on(Request.SET_VRING_BASE, this.#setVringBase);
+    on(Request.GET_VRING_BASE, this.#getVringBase, true);
+    on(Request.SET_VRING_KICK, this.#setVringKick);
+    on(Request.SET_VRING_CALL, this.#setVringCall);
+    on(Request.SET_VRING_ERR, this.#setVringErr);
+    on(Request.SET_VRING_ENABLE, this.#setVringEnable);
+    on(Request.GET_QUEUE_NUM, this.#getQueueNum, true);
+    on(Request.GET_CONFIG, this.#getConfig, true);
+    on(Request.SET_CONFIG, this.#setConfig);
+    on(Request.GET_INFLIGHT_FD, this.#getInflightFd, true);
+    on(Request.SET_INFLIGHT_FD, this.#setInflightFd);
+  }
+
+  /** Request codes this handler knows. */
+  get supportedRequests(): number[] {
+    return [...this.#table.keys()];
+  }
+
+  /** Every feature we offer in GET_FEATURES. */
+  get offeredFeatures(): bigint {
+    return this.device.features | TRANSPORT_FEATURES;
+  }
+
+  /**
+   * The dispatcher: runs the request's handler, closes fds it did not take, and builds the reply
+   * (its own reply, a REPLY_ACK ack with 0 on success and non-zero on failure, or nothing).
+   */
+  handle(m: Message): Outcome {
+    const entry = this.#table.get(m.request);
+    const ackWanted = (m.flags & Flags.NEED_REPLY) !== 0;
+    let result: Result | void = undefined;
+    let failure: string | null = null;
+    if (!entry) {
+      failure = `${requestName(m.request)} is not supported`;
+    } else {
+      try {
+        result = entry.fn(m);
+      } catch (e) {
+        if (!(e instanceof Error)) throw e;
+        failure = `${requestName(m.request)}: ${e.message}`;
+      }
+    }
+    for (let i = 0; i < m.fds.length; i++) {
+      m.fds[i]?.close();
+      m.fds[i] = null;
+    }
+    if (failure !== null) {
+      this.#log(`mpq vhost: ${failure}`);
+      if (entry?.replies) return { close: failure };
+      const ackOk = (this.protocolFeatures & bit(ProtocolFeature.REPLY_ACK)) !== 0n;
+      if (ackWanted && ackOk) return { reply: encodeReply(m.request, encodeU64(1n)) };
+      return {};
+    }
+    if (entry!.replies) {
+      const r = result as Result;
+      return { reply: encodeReply(m.request, r.payload), fds: r.fds };
+    }
+    if (ackWanted && (this.protocolFeatures & bit(ProtocolFeature.REPLY_ACK)) !== 0n) {
+      return { reply: encodeReply(m.request, encodeU64(0n)) };
+    }
+    return {};
+  }
+
+  /** The front-end went away: stop every ring, drop every mapping and fd. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const q of this.queues) this.#resetQueue(q);
+    this.memory?.close();
+    this.memory = null;
+    this.#inflightMap?.close();
+    this.#inflightMap = null;
+    for (const r of this.#retired.splice(0)) r.close();
+  }
+
+  // ---- helpers ----
+
+  #queue(index: number): VirtQueue {
+    const q = this.queues[index];
+    if (!q) throw new VhostMessageError(`queue index ${index} out of range 0..${this.queues.length - 1}`);
+    return q;
+  }
+
+  #take(m: Message, count: number): OwnedFd[] {
+    const got = m.fds.filter((f) => f !== null).length;
+    if (got !== count) throw new VhostMessageError(`expected ${count} fd(s) with the message, got ${got}`);
+    const out: OwnedFd[] = [];
+    for (let i = 0; i < m.fds.length; i++) {
+      if (m.fds[i]) out.push(m.fds[i]!);
+      m.fds[i] = null;
+    }
+    return out;
+  }
+
+  #unwatchKick(q: VirtQueue): void {
+    this.#kickWatches[q.index]?.remove();
+    this.#kickWatches[q.index] = null;
+  }
+
+  #stopQueue(q: VirtQueue): number {
+    this.#unwatchKick(q);
+    if (q.started) {
+      try {
+        this.device.stopQueue(q);
+        q.flush();
+      } catch (e) {
+        this.#log(`mpq vhost: queue ${q.index} stop: ${(e as Error).message}`);
+      }
+    }
+    return q.stop();
+  }
+
+  #resetQueue(q: VirtQueue): void {
+    this.#stopQueue(q);
+    q.reset();
+  }
+
+  /** Runs the device on a queue; a broken ring or bad address marks the queue broken. */
+  process(q: VirtQueue): void {
+    if (!q.ready) return;
+    try {
+      this.device.processQueue(q);
+    } catch (e) {
+      q.fail();
+      this.ctx.metrics.brokenQueues++;
+      const what = e instanceof VirtqueueError || e instanceof GuestMemoryError
+        ? "broken ring"
+        : "device error";
+      this.#log(`mpq vhost: queue ${q.index} stopped (${what}): ${(e as Error).message}`);
+    }
+  }
+
+  #startQueue(q: VirtQueue): void {
+    if (!this.memory) throw new VhostMessageError(`queue ${q.index}: kick before SET_MEM_TABLE`);
+    if (q.inflight && q.inflight.size < q.size) {
+      this.#log(
+        `mpq vhost: queue ${q.index}: inflight area for ${q.inflight.size} < queue size ${q.size}; ignored`,
+      );
+      q.inflight = null;
+    }
+    q.eventIdx = (this.features & bit(VirtioFeature.RING_EVENT_IDX)) !== 0n;
+    if ((this.features & bit(VirtioFeature.PROTOCOL_FEATURES)) === 0n) q.enabled = true;
+    q.start(this.memory);
+    this.device.startQueue(q, this.ctx);
+    if (q.resubmitPending > 0) {
+      this.#log(`mpq vhost: queue ${q.index}: resubmitting ${q.resubmitPending} inflight request(s)`);
+    }
+  }
+
+  #remapQueues(): void {
+    for (const q of this.queues) {
+      if (!q.started || !this.memory) continue;
+      try {
+        q.map(this.memory);
+      } catch (e) {
+        q.fail();
+        this.#log(`mpq vhost: queue ${q.index} stopped: ${(e as Error).message}`);
+      }
+    }
+  }
+
+  // ---- the handlers ----
+
+  #getFeatures(): Result {
+    return { payload: encodeU64(this.offeredFeatures) };
+  }
+
+  #setFeatures(m: Message): void {
+    const f = decodeU64(m.request, m.payload);
+    const extra = f & ~this.offeredFeatures;
+    if (extra) throw new VhostMessageError(`features 0x${extra.toString(16)} were not offered`);
+    this.features = f;
+    const eventIdx = (f & bit(VirtioFeature.RING_EVENT_IDX)) !== 0n;
+    for (const q of this.queues) q.eventIdx = eventIdx;
+    this.device.setFeatures(f);
+  }
+
+  #getProtocolFeatures(): Result {
+    return { payload: encodeU64(OFFERED_PROTOCOL_FEATURES) };
+  }
+
+  #setProtocolFeatures(m: Message): void {
+    const f = decodeU64(m.request, m.payload);
+    const extra = f & ~OFFERED_PROTOCOL_FEATURES;
+    if (extra) throw new VhostMessageError(`protocol features 0x${extra.toString(16)} were not offered`);
+    this.protocolFeatures = f;
+  }
+
+  #setOwner(m: Message): void {
+    if (m.payload.byteLength !== 0) {
+      throw new VhostMessageError(`payload of ${m.payload.byteLength} bytes, expected 0`);
+    }
+    this.owner = true;
+  }
+
+  #resetDevice(m: Message): void {
+    if (m.payload.byteLength !== 0) {
+      throw new VhostMessageError(`payload of ${m.payload.byteLength} bytes, expected 0`);
+    }
+    for (const q of this.queues) this.#resetQueue(q);
+    this.features = 0n;
+  }
+
+  #setMemTable(m: Message): void {
+    const regions = decodeMemTable(m.request, m.payload);
+    const fds = this.#take(m, regions.length);
+    const mem = new GuestMemory();
+    try {
+      regions.forEach((r, i) => mem.add(r, fds[i]));
+    } catch (e) {
+      mem.close();
+      throw e;
+    } finally {
+      for (const f of fds) f.close();
+    }
+    const old = this.memory;
+    this.memory = mem;
+    this.#remapQueues();
+    if (old) this.#retire(old);
+  }
+
+  #retire(what: { close(): void }): void {
+    // With no I/O in flight nothing can point into the old mapping: unmap now.
+    if (this.queues.every((q) => !q.started || q.unpublished === 0) && !this.#asyncPending()) what.close();
+    else this.#retired.push(what);
+  }
+
+  #asyncPending(): boolean {
+    const d = this.device as { pending?: number };
+    return (d.pending ?? 0) > 0;
+  }
+
+  #getMaxMemSlots(m: Message): Result {
+    if (m.payload.byteLength !== 0 && m.payload.byteLength !== 8) {
+      throw new VhostMessageError(`payload of ${m.payload.byteLength} bytes, expected 0 or 8`);
+    }
+    return { payload: encodeU64(BigInt(MAX_MEM_SLOTS)) };
+  }
+
+  #addMemReg(m: Message): void {
+    const r = decodeSingleRegion(m.request, m.payload);
+    const [fd] = this.#take(m, 1);
+    try {
+      this.memory ??= new GuestMemory();
+      if (this.memory.regions.length >= MAX_MEM_SLOTS) {
+        throw new VhostMessageError(`all ${MAX_MEM_SLOTS} memory slots are in use`);
+      }
+      this.memory.add(r, fd);
+    } finally {
+      fd.close();
+    }
+    this.#remapQueues();
+  }
+
+  #remMemReg(m: Message): void {
+    const r: MemoryRegion = decodeSingleRegion(m.request, m.payload);
+    // QEMU may attach the region's fd; it is not needed (closed by the dispatcher).
+    const mem = this.memory;
+    const found = mem?.regions.find((x) => x.matches(r));
+    if (!mem || !found) {
+      throw new VhostMessageError(
+        `no region at gpa 0x${r.guestAddr.toString(16)} size 0x${r.size.toString(16)}`,
+      );
+    }
+    // Detach without unmapping; the mapping is retired like a replaced table.
+    mem.detach(found);
+    this.#remapQueues();
+    this.#retire(found.map);
+  }
+
+  #setVringNum(m: Message): void {
+    const s = decodeVringState(m.request, m.payload);
+    const q = this.#queue(s.index);
+    if (q.started) throw new VhostMessageError(`queue ${s.index} is running`);
+    if (s.num === 0 || (s.num & (s.num - 1)) !== 0 || s.num > MAX_QUEUE_SIZE) {
+      throw new VhostMessageError(`queue size ${s.num} is not a power of 2 in 1..${MAX_QUEUE_SIZE}`);
+    }
+    q.size = s.num;
+  }
+
+  #setVringAddr(m: Message): void {
+    const a = decodeVringAddr(m.request, m.payload);
+    const q = this.#queue(a.index);
+    q.setAddresses(a.desc, a.avail, a.used);
+  }
+
+  #setVringBase(m: Message): void {
+    const s = decodeVringState(m.request, m.payload);
+    const q = this.#queue(s.index);
+    if (q.started) throw new VhostMessageError(`queue ${s.index} is running`);
+    if (s.num > 0xffff) throw new VhostMessageError(`split ring base ${s.num} exceeds 65535`);
+    q.lastAvail = s.num;
+  }
+
+  #getVringBase(m: Message): Result {
+    const s = decodeVringState(m.request, m.payload);
+    const q = this.#queue(s.index);
+    const num = this.#stopQueue(q);
+    q.kick?.close();
+    q.kick = null;
+    return { payload: encodeVringState({ index: s.index, num }) };
+  }
+
+  #vringFile(m: Message): { q: VirtQueue; fd: OwnedFd | null } {
+    const f = decodeVringFile(m.request, m.payload);
+    const q = this.#queue(f.index);
+    const fd = f.noFd ? (this.#take(m, 0), null) : this.#take(m, 1)[0];
+    return { q, fd };
+  }
+
+  #setVringKick(m: Message): void {
+    const { q, fd } = this.#vringFile(m);
+    this.#unwatchKick(q);
+    q.kick?.close();
+    q.kick = null;
+    if (!fd) throw new VhostMessageError(`queue ${q.index}: polling mode (no kick fd) is not supported`);
+    const kick = new EventFd(fd);
+    q.kick = kick;
+    try {
+      if (!q.started) this.#startQueue(q);
+    } catch (e) {
+      q.fail();
+      throw e;
+    }
+    this.#kickWatches[q.index] = this.ctx.reactor.add(kick.fd, { readable: true }, () => {
+      kick.drain();
+      this.process(q);
+    });
+    if (q.ready && q.hasWork()) this.process(q);
+  }
+
+  #setVringCall(m: Message): void {
+    const { q, fd } = this.#vringFile(m);
+    q.call?.close();
+    q.call = fd ? new EventFd(fd) : null;
+  }
+
+  #setVringErr(m: Message): void {
+    const { q, fd } = this.#vringFile(m);
+    q.err?.close();
+    q.err = fd ? new EventFd(fd) : null;
+  }
+
+  #setVringEnable(m: Message): void {
+    const s = decodeVringState(m.request, m.payload);
+    const q = this.#queue(s.index);
+    if (s.num > 1) throw new VhostMessageError(`enable must be 0 or 1: got ${s.num}`);
+    q.enabled = s.num === 1;
+    if (q.ready && q.hasWork()) this.process(q);
+  }
+
+  #getQueueNum(m: Message): Result {
+    if (m.payload.byteLength !== 0 && m.payload.byteLength !== 8) {
+      throw new VhostMessageError(`payload of ${m.payload.byteLength} bytes, expected 0 or 8`);
+    }
+    return { payload: encodeU64(BigInt(this.device.numQueues)) };
+  }
+
+  #getConfig(m: Message): Result {
+    const c = decodeConfig(m.request, m.payload);
+    const data = this.device.readConfig(c.offset, c.data.byteLength);
+    return { payload: encodeConfig({ offset: c.offset, flags: c.flags, data }) };
+  }
+
+  #setConfig(m: Message): void {
+    const c = decodeConfig(m.request, m.payload);
+    this.device.writeConfig(c.offset, c.data);
+  }
+
+  #getInflightFd(m: Message): Result {
+    const p = decodeInflight(m.request, m.payload);
+    if (p.numQueues < 1 || p.numQueues > this.queues.length) {
+      throw new VhostMessageError(
+        `inflight for ${p.numQueues} queues, this device has ${this.queues.length}`,
+      );
+    }
+    if (p.queueSize < 1 || p.queueSize > MAX_QUEUE_SIZE) {
+      throw new VhostMessageError(`inflight queue size ${p.queueSize} not in 1..${MAX_QUEUE_SIZE}`);
+    }
+    const size = p.numQueues * inflightQueueSize(p.queueSize);
+    const fd = memfdCreate("mpq-vhost-inflight");
+    try {
+      ftruncate(fd, size);
+    } catch (e) {
+      fd.close();
+      throw e;
+    }
+    return {
+      payload: encodeInflight({
+        mmapSize: BigInt(size),
+        mmapOffset: 0n,
+        numQueues: p.numQueues,
+        queueSize: p.queueSize,
+      }),
+      fds: [fd],
+    };
+  }
+
+  #setInflightFd(m: Message): void {
+    const p = decodeInflight(m.request, m.payload);
+    const [fd] = this.#take(m, 1);
+    try {
+      const per = inflightQueueSize(p.queueSize);
+      if (
+        p.numQueues < 1 || p.numQueues > this.queues.length || p.queueSize < 1 || p.queueSize > MAX_QUEUE_SIZE
+      ) {
+        throw new VhostMessageError(`inflight for ${p.numQueues} queues of ${p.queueSize}: out of range`);
+      }
+      if (p.mmapSize < BigInt(per * p.numQueues) || p.mmapSize > 1n << 32n) {
+        throw new VhostMessageError(
+          `inflight area of ${p.mmapSize} bytes, expected ${
+            per * p.numQueues
+          } for ${p.numQueues} x ${p.queueSize}`,
+        );
+      }
+      const map = mapShared(fd, Number(p.mmapSize), { offset: p.mmapOffset });
+      const old = this.#inflightMap;
+      this.#inflightMap = map;
+      const view = new DataView(map.bytes.buffer);
+      for (let i = 0; i < this.queues.length; i++) {
+        this.queues[i].inflight = i < p.numQueues ? new InflightQueue(view, i * per, p.queueSize) : null;
+      }
+      if (old) this.#retire(old);
+    } finally {
+      fd.close();
+    }
+  }
+}

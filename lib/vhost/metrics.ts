@@ -1,0 +1,159 @@
+/**
+ * Per-queue counters and a latency histogram for `mpq vhost`, rendered as Prometheus text and
+ * served on a UNIX socket (`--metrics PATH`: connect, read until EOF).
+ * @module
+ */
+import { listenUnix, type Reactor, type UnixListener, type Watch } from "../../ffi/mod.ts";
+
+/** Histogram upper bounds in microseconds (Prometheus `le` is printed in seconds). */
+export const LATENCY_BOUNDS_US = [
+  5,
+  10,
+  25,
+  50,
+  100,
+  250,
+  500,
+  1000,
+  2500,
+  5000,
+  10000,
+  50000,
+  250000,
+  1000000,
+];
+
+/** Counters of one queue. Plain fields: the hot path increments them without allocating. */
+export class QueueMetrics {
+  requests = 0;
+  readBytes = 0;
+  writeBytes = 0;
+  errors = 0;
+  latencySumUs = 0;
+  /** Non-cumulative bucket counts; the last is +Inf. */
+  readonly buckets = new Float64Array(LATENCY_BOUNDS_US.length + 1);
+
+  /** Records one completed request that took `us` microseconds. */
+  observe(us: number): void {
+    this.latencySumUs += us;
+    const b = LATENCY_BOUNDS_US;
+    let i = 0;
+    while (i < b.length && us > b[i]) i++;
+    this.buckets[i]++;
+  }
+}
+
+/**
+ * The metrics of one daemon.
+ * @example
+ * const m = new Metrics("blk", 2); m.queue(0).requests++; console.log(m.render());
+ */
+export class Metrics {
+  readonly device: string;
+  readonly queues: QueueMetrics[] = [];
+  connections = 0;
+  brokenQueues = 0;
+
+  constructor(device: string, numQueues: number) {
+    this.device = device;
+    for (let i = 0; i < numQueues; i++) this.queues.push(new QueueMetrics());
+  }
+
+  /** The counters of queue `i`. */
+  queue(i: number): QueueMetrics {
+    return this.queues[i];
+  }
+
+  /** Prometheus text exposition format. */
+  render(): string {
+    const d = this.device;
+    const lines: string[] = [];
+    const counter = (name: string, help: string, get: (q: QueueMetrics) => number) => {
+      lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} counter`);
+      this.queues.forEach((q, i) => lines.push(`${name}{device="${d}",queue="${i}"} ${get(q)}`));
+    };
+    counter("mpq_vhost_requests_total", "Requests completed.", (q) => q.requests);
+    counter("mpq_vhost_read_bytes_total", "Bytes moved to the guest.", (q) => q.readBytes);
+    counter("mpq_vhost_write_bytes_total", "Bytes moved from the guest.", (q) => q.writeBytes);
+    counter("mpq_vhost_errors_total", "Requests completed with an error status.", (q) => q.errors);
+    lines.push(
+      "# HELP mpq_vhost_request_latency_seconds Time from popping a request to completing it.",
+      "# TYPE mpq_vhost_request_latency_seconds histogram",
+    );
+    this.queues.forEach((q, i) => {
+      let cum = 0;
+      const labels = `device="${d}",queue="${i}"`;
+      LATENCY_BOUNDS_US.forEach((b, k) => {
+        cum += q.buckets[k];
+        lines.push(`mpq_vhost_request_latency_seconds_bucket{${labels},le="${b / 1e6}"} ${cum}`);
+      });
+      cum += q.buckets[LATENCY_BOUNDS_US.length];
+      lines.push(`mpq_vhost_request_latency_seconds_bucket{${labels},le="+Inf"} ${cum}`);
+      lines.push(`mpq_vhost_request_latency_seconds_sum{${labels}} ${q.latencySumUs / 1e6}`);
+      lines.push(`mpq_vhost_request_latency_seconds_count{${labels}} ${cum}`);
+    });
+    lines.push(
+      "# HELP mpq_vhost_connections_total Front-end connections accepted.",
+      "# TYPE mpq_vhost_connections_total counter",
+      `mpq_vhost_connections_total{device="${d}"} ${this.connections}`,
+      "# HELP mpq_vhost_broken_queues_total Queues stopped because their ring broke the rules.",
+      "# TYPE mpq_vhost_broken_queues_total counter",
+      `mpq_vhost_broken_queues_total{device="${d}"} ${this.brokenQueues}`,
+    );
+    return lines.join("\n") + "\n";
+  }
+
+  /** One line for SIGUSR1. */
+  summary(): string {
+    let req = 0, rd = 0, wr = 0, err = 0, lat = 0;
+    for (const q of this.queues) {
+      req += q.requests;
+      rd += q.readBytes;
+      wr += q.writeBytes;
+      err += q.errors;
+      lat += q.latencySumUs;
+    }
+    const avg = req ? (lat / req).toFixed(1) : "0";
+    return `mpq vhost ${this.device}: ${req} requests, ${rd} bytes read, ${wr} bytes written, ${err} errors, ` +
+      `avg latency ${avg} us, ${this.connections} connections, ${this.brokenQueues} broken queues`;
+  }
+}
+
+/**
+ * Serves `metrics.render()` to every connection on a UNIX socket, then closes it.
+ * @example
+ * const server = new MetricsServer("/run/vhost.metrics", reactor, metrics);
+ * ...; server.close();
+ */
+export class MetricsServer {
+  readonly #listener: UnixListener;
+  readonly #watch: Watch;
+
+  constructor(path: string, reactor: Reactor, metrics: Metrics) {
+    this.#listener = listenUnix(path);
+    this.#watch = reactor.add(this.#listener.fd, { readable: true }, () => {
+      for (;;) {
+        const conn = this.#listener.accept();
+        if (!conn) return;
+        try {
+          const text = new TextEncoder().encode(metrics.render());
+          let off = 0;
+          while (off < text.byteLength) {
+            const n = conn.sendMsg(text.subarray(off));
+            if (n === null || n === 0) break;
+            off += n;
+          }
+        } catch {
+          /* the scraper went away */
+        } finally {
+          conn.close();
+        }
+      }
+    });
+  }
+
+  close(): void {
+    this.#watch.remove();
+    this.#listener.close();
+  }
+}
