@@ -469,6 +469,26 @@ export class IoUring {
   }
 }
 
+const SYS_preadv2 = 327n;
+const RWF_NOWAIT = 8n;
+const EOPNOTSUPP = 95;
+
+/**
+ * Whether the kernel can try I/O on `file` without blocking (the file has FMODE_NOWAIT: block
+ * devices, ext4/xfs/btrfs). io_uring runs such readv/writev inline in io_uring_enter; for other
+ * files (tmpfs on Linux 6.x, many FUSE/network file systems) it hands every request to a kernel
+ * worker thread, which on page-cache-speed files costs far more than a plain preadv. Probed with a
+ * 1-byte preadv2(RWF_NOWAIT) at offset 0 (EOPNOTSUPP means no).
+ * @example
+ * const inline = supportsNowait(file);
+ */
+export function supportsNowait(file: OwnedFd): boolean {
+  const byte = new Uint8Array(1);
+  const iov = new BigUint64Array([addressOf(byte), 1n]);
+  const r = libc.syscall(SYS_preadv2, BigInt(file.unsafeFd), addressOf(iov), 1n, 0n, 0n, RWF_NOWAIT);
+  return !(r === -1n && lastErrno() === EOPNOTSUPP);
+}
+
 /** What probeIoUring() found. */
 export type IoUringProbe = { ok: true; features: number } | { ok: false; reason: string; errno?: number };
 

@@ -1,9 +1,17 @@
 import assert from "node:assert/strict";
-import { CQE, IO_URING_PARAMS, IORING_FEAT_SINGLE_MMAP, IoUring, probeIoUring, SQE } from "./io_uring.ts";
+import {
+  CQE,
+  IO_URING_PARAMS,
+  IORING_FEAT_SINGLE_MMAP,
+  IoUring,
+  probeIoUring,
+  SQE,
+  supportsNowait,
+} from "./io_uring.ts";
 import { EventFd } from "./eventfd.ts";
 import { IoVecs } from "./iovec.ts";
 import { ftruncate, mapShared, memfdCreate, mkstempIn } from "./memory.ts";
-import { ownedFdCount } from "./fd.ts";
+import { OpenFlags, openPath, ownedFdCount } from "./fd.ts";
 import { unlinkPath } from "./socket.ts";
 import { ErrnoError } from "./errno.ts";
 
@@ -275,4 +283,42 @@ Deno.test("IoUring.close is idempotent and releases the ring fd", () => {
   assert.equal(ring.closed, true);
   assert.equal(ownedFdCount(), before);
   assert.throws(() => ring.prepNop(1) && ring.submit(), ErrnoError);
+});
+
+Deno.test("supportsNowait agrees with preadv2(RWF_NOWAIT) from C on /dev/shm and /tmp files", {
+  ignore: !gccAvailable(),
+}, async () => {
+  const src = `#define _GNU_SOURCE
+#include <sys/uio.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <errno.h>
+int main(int argc, char **argv) {
+  for (int i = 1; i < argc; i++) {
+    int fd = open(argv[i], O_RDWR); char b; struct iovec v = { &b, 1 };
+    if (fd < 0) return 2;
+    printf("%d\\n", !(preadv2(fd, &v, 1, 0, RWF_NOWAIT) < 0 && errno == EOPNOTSUPP));
+  }
+  return 0;
+}`;
+  const dir = await Deno.makeTempDir({ prefix: "mpq-nowait-" });
+  const shm = `/dev/shm/mpq-nowait-${Deno.pid}`;
+  try {
+    await Deno.writeTextFile(`${dir}/n.c`, src);
+    const cc = await new Deno.Command("gcc", { args: [`${dir}/n.c`, "-o", `${dir}/n`] }).output();
+    assert.equal(cc.code, 0, new TextDecoder().decode(cc.stderr));
+    const paths = [shm, `${dir}/disk`];
+    for (const p of paths) await Deno.writeFile(p, new Uint8Array(4096));
+    const run = await new Deno.Command(`${dir}/n`, { args: paths }).output();
+    assert.equal(run.code, 0);
+    const expected = new TextDecoder().decode(run.stdout).trim().split("\n").map((x) => x === "1");
+    const got = paths.map((p) => {
+      using fd = openPath(p, OpenFlags.O_RDWR);
+      return supportsNowait(fd);
+    });
+    assert.deepEqual(got, expected);
+  } finally {
+    await Deno.remove(shm).catch(() => {});
+    await Deno.remove(dir, { recursive: true });
+  }
 });

@@ -38,6 +38,7 @@ export {
   type IoUringOptions,
   type IoUringProbe,
   probeIoUring,
+  supportsNowait,
 } from "./io_uring.ts";
 export { deviceSize, fdatasync, preadv, punchHole, pwritev, zeroRange } from "./file.ts";
 export {

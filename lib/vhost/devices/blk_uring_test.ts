@@ -12,6 +12,7 @@ import {
   ownedFdCount,
   Reactor,
   socketPair,
+  supportsNowait,
   unlinkPath,
 } from "../../../ffi/mod.ts";
 import { type BlkIoEngine, type BlkIoRequest, createEngine, SyncEngine } from "./blk_io.ts";
@@ -237,12 +238,18 @@ Deno.test("UringEngine rejects a bad depth", () => {
   assert.throws(() => new UringEngine(file, reactor, { depth: 5000 }), /got 5000/);
 });
 
-Deno.test("createEngine picks io_uring for auto and uring, preadv on request, rejects others", () => {
+Deno.test("createEngine picks io_uring for auto (nowait files) and uring, preadv on request, rejects others", () => {
   using reactor = new Reactor();
   using file = memfdCreate("x");
   const auto = createEngine(file, reactor);
-  assert.equal(auto.name, "io_uring");
+  assert.equal(auto.name, supportsNowait(file) ? "io_uring" : "preadv", "memfd is tmpfs");
   auto.close();
+  const { fd: disk, path } = mkstempIn("/tmp", "mpq-engine-");
+  const autoDisk = createEngine(disk, reactor);
+  assert.equal(autoDisk.name, supportsNowait(disk) ? "io_uring" : "preadv");
+  autoDisk.close();
+  disk.close();
+  unlinkPath(path);
   const uring = createEngine(file, reactor, { engine: "uring", depth: 4 });
   assert.ok(uring instanceof UringEngine);
   assert.equal(uring.depth, 4);
