@@ -12,6 +12,7 @@ import {
   OpenFlags,
   openPath,
   type OwnedFd,
+  probeIoUring,
   punchHole,
   type Reactor,
   zeroRange,
@@ -22,7 +23,7 @@ import type { GuestRegion } from "../guest_memory.ts";
 import { bit, MAX_CONFIG_SIZE } from "../message.ts";
 import type { QueueMetrics } from "../metrics.ts";
 import { DescriptorChain, type VirtQueue } from "../virtqueue.ts";
-import { type BlkIoEngine, type BlkIoRequest, SyncEngine } from "./blk_io.ts";
+import { type BlkIoEngine, type BlkIoRequest, createEngine as createIoEngine } from "./blk_io.ts";
 
 /** virtio-blk feature bits. */
 export const BlkFeature = {
@@ -83,16 +84,17 @@ export interface EngineOptions {
 }
 
 /**
- * The one place an I/O engine is chosen. "auto" uses io_uring when available, else preadv.
+ * The one place an I/O engine is chosen (blk_io.ts createEngine): "auto" uses io_uring when it
+ * works and the file supports nowait I/O, else preadv.
  * @example
  * const engine = createEngine(file, reactor, { engine: "auto" });
  */
-export function createEngine(file: OwnedFd, _reactor: Reactor, options: EngineOptions = {}): BlkIoEngine {
-  const choice = options.engine ?? "auto";
-  if (choice === "uring") {
-    throw new InputError("--engine uring: the io_uring engine is not available in this build");
+export function createEngine(file: OwnedFd, reactor: Reactor, options: EngineOptions = {}): BlkIoEngine {
+  if (options.engine === "uring") {
+    const probe = probeIoUring();
+    if (!probe.ok) throw new InputError(`--engine uring: io_uring does not work here: ${probe.reason}`);
   }
-  return new SyncEngine(file);
+  return createIoEngine(file, reactor, options);
 }
 
 /** Options of a block device. */
