@@ -18,7 +18,7 @@ import {
   type UnixSocket,
   unlinkPath,
 } from "../../ffi/mod.ts";
-import { matchesExpectation, QmpClient, type QmpGreeting } from "./qmp.ts";
+import { matchesExpectation, QmpClient, QmpError, type QmpGreeting } from "./qmp.ts";
 import { withParentDeathSignal } from "./pdeathsig.ts";
 import type { Plan, PlannedProcess, PlannedQmpCommand } from "./plan.ts";
 
@@ -306,6 +306,13 @@ export class Vm {
       try {
         result = await qmp.execute(c.execute, c.arguments);
       } catch (e) {
+        // A closed connection means QEMU is ending: name its exit status rather than the socket error.
+        const qemu = this.children.find((x) => x.planned.role === "qemu");
+        if (!(e instanceof QmpError) && qemu && (await within(qemu.exited, 2000))) {
+          throw new LaunchError(
+            `qemu (pid ${qemu.process.pid}) exited while starting: ${qemu.process.status?.text} (during QMP ${c.label})`,
+          );
+        }
         throw new LaunchError(`QMP ${c.label} (${c.execute}) failed: ${(e as Error).message}`);
       }
       if (c.expect && !matchesExpectation(result, c.expect)) {

@@ -1,0 +1,179 @@
+/**
+ * Supervision with real QEMU 7.2 under TCG: unexpected exits tear the VM down and name the child,
+ * signals tear it down with exit 0, SIGKILL of mpq leaves nothing behind, fds are exactly as planned.
+ */
+import assert from "node:assert/strict";
+import {
+  alive,
+  fdTable,
+  MpqRun,
+  qemuAvailable,
+  tempDir,
+  waitGone,
+  writeTopology,
+} from "./orchestrate_harness.ts";
+
+const ignore = !qemuAvailable();
+
+/** A VM that stays up without a guest kernel: firmware only, one remote lsi53c895a. */
+function firmwareVm(dir: string, extra: Record<string, unknown> = {}): unknown {
+  return {
+    name: "faults",
+    memory: "512M",
+    console: "none",
+    debugcon: `${dir}/debugcon.log`,
+    start: "paused",
+    devices: [{ type: "remote", id: "lsi0", device: "lsi53c895a" }],
+    ...extra,
+  };
+}
+
+async function startVm(dir: string, extra: Record<string, unknown> = {}): Promise<MpqRun> {
+  const run = MpqRun.start(["orchestrate", writeTopology(dir, firmwareVm(dir, extra))]);
+  await run.waitFor(/\] running +2 processes/);
+  assert.equal(run.pids.size, 2, run.report());
+  return run;
+}
+
+function runtimeDirOf(run: MpqRun): string {
+  const m = run.stdout.match(/mpq qmp (\S+)\/qmp-operator\.sock/);
+  assert.ok(m, run.report());
+  return m[1];
+}
+
+for (const victim of ["remote lsi0", "qemu"]) {
+  Deno.test({
+    name: `orchestrate kill -9 of ${victim} tears the VM down and exits 1 naming it`,
+    ignore,
+    async fn() {
+      using dir = tempDir("mpq-faults-");
+      await using run = await startVm(dir.path);
+      const pid = run.pids.get(victim)!;
+      const runtime = runtimeDirOf(run);
+      Deno.kill(pid, "SIGKILL");
+      const st = await run.status();
+      assert.equal(st.code, 1, run.report());
+      assert.match(
+        run.stderr,
+        new RegExp(`${victim} \\(pid ${pid}\\) exited unexpectedly: killed by SIGKILL`),
+      );
+      assert.deepEqual(await waitGone(run.pids.values()), [], "a VM process outlived mpq");
+      assert.throws(() => Deno.statSync(runtime), Deno.errors.NotFound);
+    },
+  });
+}
+
+for (const sig of ["SIGTERM", "SIGINT"] as const) {
+  Deno.test({
+    name: `orchestrate ${sig} stops the VM in reverse order and exits 0`,
+    ignore,
+    async fn() {
+      using dir = tempDir("mpq-faults-");
+      await using run = await startVm(dir.path);
+      const runtime = runtimeDirOf(run);
+      run.child.kill(sig);
+      const st = await run.status();
+      assert.equal(st.code, 0, run.report());
+      assert.match(run.stdout, new RegExp(`${sig} +stopping the VM`));
+      // QEMU (started last) is stopped first, then the remote process.
+      const qemuAt = run.stdout.search(/\] qemu +pid \d+ stopped/);
+      const remoteAt = run.stdout.search(
+        /\] remote lsi0 +pid \d+ (stopped|had already exited|ended with its proxy)/,
+      );
+      assert.ok(qemuAt > 0 && remoteAt > qemuAt, run.report());
+      assert.deepEqual(await waitGone(run.pids.values()), []);
+      assert.throws(() => Deno.statSync(runtime), Deno.errors.NotFound);
+    },
+  });
+}
+
+Deno.test({
+  name: "orchestrate kill -9 of mpq leaves no process of the VM (parent-death signal)",
+  ignore,
+  async fn() {
+    using dir = tempDir("mpq-faults-");
+    await using run = await startVm(dir.path);
+    const pids = [...run.pids.values()];
+    assert.ok(pids.every(alive));
+    run.child.kill("SIGKILL");
+    const st = await run.status();
+    assert.equal(st.signal, "SIGKILL");
+    assert.deepEqual(await waitGone(pids), [], "VM processes survived SIGKILL of mpq");
+  },
+});
+
+Deno.test({
+  name: "orchestrate children get exactly the planned fds and no socket or pipe of mpq",
+  ignore,
+  async fn() {
+    using dir = tempDir("mpq-faults-");
+    await using run = await startVm(dir.path);
+    const mpqFds = fdTable(run.child.pid);
+    const remote = fdTable(run.pids.get("remote lsi0")!);
+    const qemu = fdTable(run.pids.get("qemu")!);
+    // Planned: remote fd 3 = its socketpair end; QEMU fd 3/4 = QMP listeners, fd 5 = the proxy's end.
+    assert.match(remote.get(3) ?? "", /^socket:\[\d+\]$/);
+    for (const fd of [3, 4, 5]) assert.match(qemu.get(fd) ?? "", /^socket:\[\d+\]$/, `qemu fd ${fd}`);
+    // Nothing of mpq's own (its epoll, eventfds, pidfds, QMP connection, stdio pipes aside) leaked.
+    const stdio = new Set([0, 1, 2].map((fd) => mpqFds.get(fd)));
+    const mine = new Set([...mpqFds.values()].filter((t) => /^(socket|pipe):/.test(t) && !stdio.has(t)));
+    assert.ok(mine.size > 0, "mpq holds sockets of its own (at least its QMP connection)");
+    for (const [name, table] of [["remote", remote], ["qemu", qemu]] as const) {
+      for (const [fd, target] of table) {
+        assert.ok(!mine.has(target), `${name} fd ${fd} is mpq's ${target}`);
+      }
+    }
+    // The remote's own fds above 3 are QEMU's making (eventfds, memfds...), none inherited:
+    // everything inherited is at 0..3, and 0..2 are mpq's stdio.
+    for (const fd of [0, 1, 2]) assert.equal(remote.get(fd), mpqFds.get(fd), `remote stdio fd ${fd}`);
+  },
+});
+
+Deno.test({
+  name: "orchestrate a failing QMP step names the step, tears down and exits 1",
+  ignore,
+  async fn() {
+    using dir = tempDir("mpq-faults-");
+    const topo = writeTopology(dir.path, firmwareVm(dir.path, { steps: [{ execute: "no-such-command" }] }));
+    await using run = MpqRun.start(["orchestrate", topo]);
+    const st = await run.status();
+    assert.equal(st.code, 1, run.report());
+    assert.match(run.stderr, /QMP step 1 \(no-such-command\) failed: no-such-command: CommandNotFound/);
+    assert.deepEqual(await waitGone(run.pids.values()), []);
+  },
+});
+
+Deno.test({
+  name: "orchestrate an unmet expectation of a step names it and exits 1",
+  ignore,
+  async fn() {
+    using dir = tempDir("mpq-faults-");
+    const topo = writeTopology(
+      dir.path,
+      firmwareVm(dir.path, { steps: [{ execute: "query-status", expect: { status: "running" } }] }),
+    );
+    await using run = MpqRun.start(["orchestrate", topo]);
+    const st = await run.status();
+    assert.equal(st.code, 1, run.report());
+    assert.match(
+      run.stderr,
+      /QMP step 1 \(query-status\): expected \{"status":"running"\}, got \{"status":"prelaunch"/,
+    );
+    assert.deepEqual(await waitGone(run.pids.values()), []);
+  },
+});
+
+Deno.test({
+  name: "orchestrate a QEMU that fails at start-up is reported with its exit status",
+  ignore,
+  async fn() {
+    using dir = tempDir("mpq-faults-");
+    const topo = writeTopology(dir.path, firmwareVm(dir.path, { extraArgs: ["-device", "no-such-device"] }));
+    await using run = MpqRun.start(["orchestrate", topo]);
+    const st = await run.status();
+    assert.equal(st.code, 1, run.report());
+    assert.match(run.stderr, /qemu \(pid \d+\) exited (while starting|unexpectedly): exit 1/);
+    assert.match(run.stderr, /no-such-device/); // QEMU's own message, on inherited stderr
+    assert.deepEqual(await waitGone(run.pids.values()), []);
+  },
+});

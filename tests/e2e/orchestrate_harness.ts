@@ -1,0 +1,178 @@
+/**
+ * Runs `mpq orchestrate` as a separate process for end-to-end tests: collects its output, waits for
+ * status lines, knows the pids of the VM's processes, and checks that none is left afterwards.
+ * @module
+ */
+import { selfCommand } from "../../lib/cli/self.ts";
+
+/** Generous bound for one expected event (TCG on a loaded 2-core machine); not a timing assertion. */
+export const EVENT_BOUND_MS = 120_000;
+
+const STATUS_RE = /\] (qemu|remote \S+|vhost \S+|ivshmem \S+)\s+pid (\d+) (?:started|listening|QMP ready)/;
+
+/** Whether `pid` is a live (not zombie) process. */
+export function alive(pid: number): boolean {
+  try {
+    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
+    return state !== "Z" && state !== "X";
+  } catch {
+    return false;
+  }
+}
+
+/** Waits (bounded) until none of `pids` is alive; returns the ones still alive at the bound. */
+export async function waitGone(pids: Iterable<number>, boundMs = 15_000): Promise<number[]> {
+  const list = [...pids];
+  const t = performance.now();
+  while (performance.now() - t < boundMs) {
+    if (list.every((p) => !alive(p))) return [];
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return list.filter(alive);
+}
+
+/** The targets of /proc/PID/fd/N, by fd number. */
+export function fdTable(pid: number): Map<number, string> {
+  const m = new Map<number, string>();
+  for (const e of Deno.readDirSync(`/proc/${pid}/fd`)) {
+    try {
+      m.set(Number(e.name), Deno.readLinkSync(`/proc/${pid}/fd/${e.name}`));
+    } catch { /* closed meanwhile */ }
+  }
+  return m;
+}
+
+/** A running `mpq orchestrate ...`. Always close() it. */
+export class MpqRun {
+  readonly child: Deno.ChildProcess;
+  #out = "";
+  #err = "";
+  readonly #done: Promise<Deno.CommandStatus>;
+  #waiters: Array<() => void> = [];
+  /** Every VM process pid seen in status lines, by name ("qemu", "remote lsi0"). */
+  readonly pids = new Map<string, number>();
+
+  private constructor(child: Deno.ChildProcess) {
+    this.child = child;
+    const pump = async (s: ReadableStream<Uint8Array>, err: boolean) => {
+      const dec = new TextDecoder();
+      for await (const chunk of s) {
+        const text = dec.decode(chunk, { stream: true });
+        if (err) this.#err += text;
+        else this.#out += text;
+        for (const line of text.split("\n")) {
+          const m = STATUS_RE.exec(line);
+          if (m) this.pids.set(m[1], Number(m[2]));
+        }
+        for (const w of this.#waiters.splice(0)) w();
+      }
+    };
+    const pumps = Promise.all([pump(child.stdout, false), pump(child.stderr, true)]);
+    this.#done = (async () => {
+      const st = await child.status;
+      await pumps;
+      for (const w of this.#waiters.splice(0)) w();
+      return st;
+    })();
+  }
+
+  /** Starts `mpq <args...>`. */
+  static start(args: string[]): MpqRun {
+    const [exe, ...pre] = selfCommand();
+    return new MpqRun(
+      new Deno.Command(exe, { args: [...pre, ...args], stdout: "piped", stderr: "piped", stdin: "null" })
+        .spawn(),
+    );
+  }
+
+  /** Standard output so far. */
+  get stdout(): string {
+    return this.#out;
+  }
+
+  /** Standard error so far. */
+  get stderr(): string {
+    return this.#err;
+  }
+
+  /** Waits (bounded) until stdout or stderr matches `re`; throws with the output if it never does. */
+  async waitFor(re: RegExp, boundMs = EVENT_BOUND_MS): Promise<RegExpMatchArray> {
+    const t = performance.now();
+    let ended = false;
+    this.#done.then(() => (ended = true));
+    while (true) {
+      const m = this.#out.match(re) ?? this.#err.match(re);
+      if (m) return m;
+      if (ended) throw new Error(`mpq exited before ${re} appeared\n${this.report()}`);
+      if (performance.now() - t > boundMs) {
+        throw new Error(`${re} did not appear within ${boundMs} ms\n${this.report()}`);
+      }
+      const timer = delay(200);
+      await Promise.race([new Promise<void>((r) => this.#waiters.push(r)), timer.promise]);
+      timer.cancel();
+    }
+  }
+
+  /** Waits for mpq to exit. */
+  status(): Promise<Deno.CommandStatus> {
+    return this.#done;
+  }
+
+  /** Output for failure messages. */
+  report(): string {
+    return `--- mpq stdout ---\n${this.#out}\n--- mpq stderr ---\n${this.#err}`;
+  }
+
+  /** Kills mpq (if running) and every VM process it reported, and waits for it. */
+  async close(): Promise<void> {
+    try {
+      this.child.kill("SIGKILL");
+    } catch { /* already exited */ }
+    await this.#done;
+    for (const pid of this.pids.values()) {
+      try {
+        if (alive(pid)) Deno.kill(pid, "SIGKILL");
+      } catch { /* gone */ }
+    }
+    await waitGone(this.pids.values());
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}
+
+function delay(ms: number): { promise: Promise<void>; cancel: () => void } {
+  let id: ReturnType<typeof setTimeout> | undefined;
+  const promise = new Promise<void>((r) => (id = setTimeout(r, ms)));
+  return { promise, cancel: () => clearTimeout(id) };
+}
+
+/** A temp dir for a test's files (topology, logs); remove it with the returned function. */
+export function tempDir(prefix: string): { path: string; [Symbol.dispose](): void } {
+  const path = Deno.makeTempDirSync({ prefix });
+  return {
+    path,
+    [Symbol.dispose]() {
+      Deno.removeSync(path, { recursive: true });
+    },
+  };
+}
+
+/** Writes a topology file and returns its path. */
+export function writeTopology(dir: string, topology: unknown, name = "vm.json"): string {
+  const path = `${dir}/${name}`;
+  Deno.writeTextFileSync(path, JSON.stringify(topology, null, 2));
+  return path;
+}
+
+/** Whether QEMU with multi-process support is here. */
+export function qemuAvailable(): boolean {
+  try {
+    return new Deno.Command("qemu-system-x86_64", { args: ["--version"], stdout: "null", stderr: "null" })
+      .outputSync().success;
+  } catch {
+    return false;
+  }
+}
