@@ -5,6 +5,7 @@
  */
 import { type ChildProcess, type ExitStatus, Signal, spawn } from "../../ffi/mod.ts";
 import { selfCommand } from "../../lib/cli/self.ts";
+import { type FrontendOptions, VhostUserFrontend } from "./vhost_frontend.ts";
 
 /** A running back-end process and where it listens. */
 export interface Backend {
@@ -173,5 +174,32 @@ export function readFileRange(path: string, offset: number, len: number): Uint8A
     return out;
   } finally {
     f.close();
+  }
+}
+
+/** Size of the disk withMpqBlk makes. */
+export const MPQ_BLK_DISK = 16 << 20;
+
+/**
+ * Runs `fn` with a fresh 16 MiB disk file (1 MiB blocks of patternBytes(1 MiB, 77 + MiB index))
+ * served by `mpq vhost blk --blk-file=F ...args`, and a connected (not yet handshaken) front-end.
+ * Checks the daemon is still running afterwards; stops it and removes the files.
+ */
+export async function withMpqBlk(
+  args: string[],
+  fn: (fe: VhostUserFrontend, file: string, be: Backend) => Promise<void>,
+  options: FrontendOptions = {},
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "vhost-blk-" });
+  const file = `${dir}/disk.img`;
+  await makeDiskFile(file, MPQ_BLK_DISK, (off) => patternBytes(1 << 20, 77 + (off >> 20)));
+  const be = await startMpqVhost("blk", `${dir}/blk.sock`, { args: [`--blk-file=${file}`, ...args] });
+  try {
+    await using fe = await VhostUserFrontend.connect(be.socketPath, options);
+    await fn(fe, file, be);
+    if (be.child.status) throw new Error(`mpq vhost blk exited during the test: ${be.child.status.text}`);
+  } finally {
+    await be.stop();
+    await Deno.remove(dir, { recursive: true });
   }
 }

@@ -70,6 +70,9 @@ export function reqName(req: number): string {
   return REQ_NAMES[req] ?? `request ${req}`;
 }
 
+/** waitReply() code that accepts any message. */
+const ANY_REPLY = -1;
+
 /** Header flags. */
 export const MsgFlags = { VERSION: 0x1, REPLY: 0x4, NEED_REPLY: 0x8 } as const;
 /** Bytes in a message header. */
@@ -200,7 +203,7 @@ export interface FrontendOptions {
   configSize?: number;
   /** Data bytes per request slot (default 128 KiB). */
   maxRequestBytes?: number;
-  /** Request slots per queue (default queueSize / 4). */
+  /** Request slots per queue (default: as many as the ring holds, queueSize/4 with indirect). */
   depth?: number;
   /** Split every data buffer into this many descriptors (default 1). */
   dataSegments?: number;
@@ -391,7 +394,9 @@ export class VhostUserFrontend {
       ackAll: options.ackAll ?? false,
       configSize: options.configSize ?? 57,
       maxRequestBytes: options.maxRequestBytes ?? 128 << 10,
-      depth: options.depth ?? Math.max(1, queueSize >> 2),
+      // Enough slots to fill the ring, never more than it holds (chained requests use 2 + segments).
+      depth: options.depth ??
+        Math.max(1, Math.floor(queueSize / (options.indirect ? 4 : (options.dataSegments ?? 1) + 2))),
       dataSegments: options.dataSegments ?? 1,
       timeoutMs: options.timeoutMs ?? 10_000,
       verbose: options.verbose ?? false,
@@ -516,6 +521,10 @@ export class VhostUserFrontend {
         this.unsolicited.push(m);
         continue;
       }
+      if (w.request === ANY_REPLY) {
+        w.resolve(m);
+        continue;
+      }
       if (request !== w.request) {
         for (const f of m.fds) f.close();
         w.reject(
@@ -572,8 +581,27 @@ export class VhostUserFrontend {
     }
   }
 
+  /**
+   * Waits for the next message of any kind from the back-end (flags unchecked), for fuzzing.
+   * Resolves null when the connection closes first; rejects after `timeoutMs`.
+   */
+  async waitAny(timeoutMs = this.options.timeoutMs): Promise<Message | null> {
+    if (!this.#sock) return null;
+    try {
+      return await this.waitReply(ANY_REPLY, timeoutMs);
+    } catch (e) {
+      if (e instanceof FrontendError && !this.#sock && !/ within /.test(e.message)) return null;
+      throw e;
+    }
+  }
+
+  /** Whether the connection is open. */
+  get connected(): boolean {
+    return this.#sock !== null;
+  }
+
   /** Waits for the next reply, which must answer `request`. */
-  waitReply(request: number): Promise<Message> {
+  waitReply(request: number, timeoutMs = this.options.timeoutMs): Promise<Message> {
     if (!this.#sock) {
       return Promise.reject(
         new FrontendError(`${reqName(request)}: ${this.#closedReason ?? "not connected"}`),
@@ -583,8 +611,8 @@ export class VhostUserFrontend {
       const timer = setTimeout(() => {
         const i = this.#replyWaiters.indexOf(entry);
         if (i >= 0) this.#replyWaiters.splice(i, 1);
-        reject(new FrontendError(`no reply to ${reqName(request)} within ${this.options.timeoutMs} ms`));
-      }, this.options.timeoutMs);
+        reject(new FrontendError(`no reply to ${reqName(request)} within ${timeoutMs} ms`));
+      }, timeoutMs);
       const entry = {
         request,
         resolve: (m: Message) => {
@@ -1034,7 +1062,7 @@ export class VhostUserFrontend {
   /** DISCARD or WRITE_ZEROES of ranges {sector, sectors, unmap}. */
   blkRanges(
     type: typeof Blk.T_DISCARD | typeof Blk.T_WRITE_ZEROES,
-    ranges: ReadonlyArray<{ sector: bigint | number; sectors: number; unmap?: boolean }>,
+    ranges: ReadonlyArray<{ sector: bigint | number; sectors: number; unmap?: boolean; flags?: number }>,
     queue = 0,
   ): Promise<BlkResult> {
     const p = new Uint8Array(16 * ranges.length);
@@ -1042,7 +1070,7 @@ export class VhostUserFrontend {
     ranges.forEach((r, i) => {
       v.setBigUint64(16 * i, BigInt(r.sector), true);
       v.setUint32(16 * i + 8, r.sectors, true);
-      v.setUint32(16 * i + 12, r.unmap ? 1 : 0, true);
+      v.setUint32(16 * i + 12, r.flags ?? (r.unmap ? 1 : 0), true);
     });
     return this.blkRequest(type, 0, { out: p, queue });
   }

@@ -81,6 +81,11 @@ for (
         for (let i = 0; i < 16; i++) {
           assert.deepEqual(back.data.subarray(i * 8192, (i + 1) * 8192), patternBytes(8192, 1000 + i));
         }
+        // virtio 1.2 5.2.6.2: UNSUPP for a discard with the unmap flag and for unknown flags.
+        const du = await fe.blkRanges(Blk.T_DISCARD, [{ sector: 0, sectors: 8, unmap: true }]);
+        assert.equal(du.status, Blk.S_UNSUPP);
+        const wf = await fe.blkRanges(Blk.T_WRITE_ZEROES, [{ sector: 0, sectors: 8, flags: 2 }]);
+        assert.equal(wf.status, Blk.S_UNSUPP);
         // Reading past the end fails with IOERR.
         const bad = await fe.blkRead(DISK / 512, 512);
         assert.equal(bad.status, Blk.S_IOERR);

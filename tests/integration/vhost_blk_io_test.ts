@@ -1,0 +1,214 @@
+/**
+ * `mpq vhost blk` over a real UNIX socket, driven by the test front-end playing QEMU 7.2 + guest:
+ * handshake, every request type with checks of the file contents, GET_ID, read-only refusal,
+ * multiqueue.
+ */
+import assert from "node:assert/strict";
+import { Blk, Feature, type FrontendOptions, Proto } from "../helpers/vhost_frontend.ts";
+import { MPQ_BLK_DISK, patternBytes, readFileRange, withMpqBlk } from "../helpers/vhost_backends.ts";
+
+const DISK = MPQ_BLK_DISK;
+
+const zeros = (n: number) => new Uint8Array(n);
+
+Deno.test("vhost blk handshake offers the features of the issue and a correct config space", async () => {
+  await withMpqBlk(["--num-queues=2", "--serial=disk-42"], async (fe) => {
+    const info = await fe.handshake();
+    for (
+      const [name, bit] of Object.entries({
+        VERSION_1: Feature.VERSION_1,
+        EVENT_IDX: Feature.RING_EVENT_IDX,
+        INDIRECT_DESC: Feature.RING_INDIRECT_DESC,
+        NOTIFY_ON_EMPTY: Feature.NOTIFY_ON_EMPTY,
+        PROTOCOL_FEATURES: Feature.PROTOCOL_FEATURES,
+        FLUSH: Feature.BLK_FLUSH,
+        DISCARD: Feature.BLK_DISCARD,
+        WRITE_ZEROES: Feature.BLK_WRITE_ZEROES,
+        MQ: Feature.BLK_MQ,
+      })
+    ) assert.ok(info.features & bit, `feature ${name} offered (got 0x${info.features.toString(16)})`);
+    assert.equal(info.features & Feature.RING_PACKED, 0n, "no packed rings");
+    assert.equal(info.features & (1n << 33n), 0n, "no IOMMU_PLATFORM");
+    assert.equal(info.features & Feature.BLK_RO, 0n, "writable disk is not RO");
+    for (
+      const [name, bit] of Object.entries({
+        MQ: Proto.MQ,
+        REPLY_ACK: Proto.REPLY_ACK,
+        CONFIG: Proto.CONFIG,
+        INFLIGHT_SHMFD: Proto.INFLIGHT_SHMFD,
+        CONFIGURE_MEM_SLOTS: Proto.CONFIGURE_MEM_SLOTS,
+        RESET_DEVICE: Proto.RESET_DEVICE,
+      })
+    ) assert.ok(info.protocolFeatures & bit, `protocol feature ${name} offered`);
+    assert.equal(info.protocolFeatures & (Proto.STATUS | Proto.LOG_SHMFD), 0n, "no STATUS or LOG_SHMFD");
+    assert.equal(info.queueNum, 2);
+    assert.ok(info.maxMemSlots >= 8, `GET_MAX_MEM_SLOTS ${info.maxMemSlots}`);
+    const cfg = fe.blkConfig;
+    assert.equal(cfg.capacity, BigInt(DISK / 512));
+    assert.equal(cfg.numQueues, 2);
+    assert.ok(cfg.segMax >= 1, `seg_max ${cfg.segMax}`);
+    assert.ok(cfg.maxDiscardSectors > 0 && cfg.maxDiscardSeg > 0, "discard limits set");
+    assert.ok(cfg.maxWriteZeroesSectors > 0 && cfg.maxWriteZeroesSeg > 0, "write-zeroes limits set");
+    // A partial config read returns the same bytes (offset/size honoured).
+    assert.deepEqual(await fe.getConfig(0, 8), fe.info!.config.subarray(0, 8));
+    await fe.start();
+    assert.deepEqual(await fe.stop(), [0]);
+  });
+});
+
+for (
+  const variant of [
+    { name: "chained descriptors", opts: {} },
+    { name: "indirect descriptors with EVENT_IDX", opts: { indirect: true, eventIdx: true } },
+    {
+      name: "two memory regions, 4 data segments, REPLY_ACK on every message",
+      opts: { splitMemory: true, dataSegments: 4, ackAll: true },
+    },
+    { name: "SET_MEM_TABLE instead of ADD_MEM_REG, no inflight", opts: { memSlots: false, inflight: false } },
+  ] satisfies Array<{ name: string; opts: FrontendOptions }>
+) {
+  Deno.test(`vhost blk read/write/flush with ${variant.name} match the file`, async () => {
+    await withMpqBlk([], async (fe, file) => {
+      await fe.handshake();
+      await fe.start();
+      const r = await fe.blkRead(4096 + 3, 12288);
+      assert.equal(r.status, Blk.S_OK);
+      assert.equal(r.len, 12288 + 1, "used.len = data + status byte");
+      assert.deepEqual(r.data, readFileRange(file, (4096 + 3) * 512, 12288));
+      const writes = [];
+      for (let i = 0; i < 24; i++) writes.push(fe.blkWrite(512 + i * 40, patternBytes(4096 + 512 * i, i)));
+      for (const w of await Promise.all(writes)) {
+        assert.equal(w.status, Blk.S_OK);
+        assert.equal(w.len, 1, "used.len of a write is the status byte");
+      }
+      const f = await fe.blkFlush();
+      assert.equal(f.status, Blk.S_OK);
+      for (let i = 0; i < 24; i++) {
+        assert.deepEqual(
+          readFileRange(file, (512 + i * 40) * 512, 4096 + 512 * i),
+          patternBytes(4096 + 512 * i, i),
+        );
+        const back = await fe.blkRead(512 + i * 40, 4096 + 512 * i);
+        assert.deepEqual(back.data, patternBytes(4096 + 512 * i, i));
+      }
+      // The last sector is readable; one past it is not.
+      const last = readFileRange(file, DISK - 512, 512);
+      assert.deepEqual((await fe.blkRead(DISK / 512 - 1, 512)).data, last);
+      assert.equal((await fe.blkRead(DISK / 512, 512)).status, Blk.S_IOERR);
+      assert.equal((await fe.blkWrite(DISK / 512 - 1, zeros(1024))).status, Blk.S_IOERR);
+      assert.deepEqual(
+        readFileRange(file, DISK - 512, 512),
+        last,
+        "a write crossing the end changed nothing",
+      );
+      assert.deepEqual(await fe.stop(), [fe.queues[0].ring.availIdx]);
+    }, variant.opts);
+  });
+}
+
+Deno.test("vhost blk discard punches a hole and write-zeroes zeroes, per range", async () => {
+  await withMpqBlk([], async (fe, file) => {
+    await fe.handshake();
+    await fe.start();
+    const d = await fe.blkRanges(Blk.T_DISCARD, [{ sector: 2048, sectors: 256 }]);
+    assert.equal(d.status, Blk.S_OK);
+    assert.deepEqual(readFileRange(file, 2048 * 512, 256 * 512), zeros(256 * 512));
+    assert.deepEqual(
+      readFileRange(file, 2304 * 512, 512),
+      patternBytes(1 << 20, 78).subarray(256 * 512, 257 * 512),
+    );
+    const z = await fe.blkRanges(Blk.T_WRITE_ZEROES, [{ sector: 8192 + 8, sectors: 16 }]);
+    assert.equal(z.status, Blk.S_OK);
+    assert.deepEqual(readFileRange(file, (8192 + 8) * 512, 16 * 512), zeros(16 * 512));
+    assert.deepEqual(
+      readFileRange(file, 8192 * 512, 8 * 512),
+      patternBytes(1 << 20, 81).subarray(0, 8 * 512),
+    );
+    const zu = await fe.blkRanges(Blk.T_WRITE_ZEROES, [{ sector: 10000, sectors: 64, unmap: true }]);
+    assert.equal(zu.status, Blk.S_OK);
+    assert.deepEqual(readFileRange(file, 10000 * 512, 64 * 512), zeros(64 * 512));
+    // Ranges past the end fail without touching the file.
+    const tail = readFileRange(file, DISK - 4096, 4096);
+    const bad = await fe.blkRanges(Blk.T_WRITE_ZEROES, [{ sector: DISK / 512 - 8, sectors: 16 }]);
+    assert.equal(bad.status, Blk.S_IOERR);
+    assert.deepEqual(readFileRange(file, DISK - 4096, 4096), tail);
+    // virtio 1.2 5.2.6.2: the unmap flag on a discard is UNSUPP.
+    const du = await fe.blkRanges(Blk.T_DISCARD, [{ sector: 0, sectors: 8, unmap: true }]);
+    assert.equal(du.status, Blk.S_UNSUPP);
+    const wf = await fe.blkRanges(Blk.T_WRITE_ZEROES, [{ sector: 0, sectors: 8, flags: 2 }]);
+    assert.equal(wf.status, Blk.S_UNSUPP, "unknown range flag");
+    assert.deepEqual(readFileRange(file, 0, 4096), patternBytes(1 << 20, 77).subarray(0, 4096));
+    await fe.stop();
+  });
+});
+
+Deno.test("vhost blk GET_ID returns the --serial padded with zeros; unknown types are UNSUPP", async () => {
+  await withMpqBlk(["--serial=mpq-serial-7"], async (fe) => {
+    await fe.handshake();
+    await fe.start();
+    const id = await fe.blkGetId();
+    assert.equal(id.status, Blk.S_OK);
+    const want = new Uint8Array(20);
+    want.set(new TextEncoder().encode("mpq-serial-7"));
+    assert.deepEqual(id.data, want);
+    const unknown = await fe.blkRequest(99, 0, { inLen: 512 });
+    assert.equal(unknown.status, Blk.S_UNSUPP);
+    await fe.stop();
+  });
+});
+
+Deno.test("vhost blk --read-only offers RO, reads work, writes/discards/write-zeroes fail and leave the file", async () => {
+  await withMpqBlk(["--read-only"], async (fe, file) => {
+    const info = await fe.handshake();
+    assert.ok(info.features & Feature.BLK_RO, "VIRTIO_BLK_F_RO offered");
+    await fe.start();
+    const before = await Deno.readFile(file);
+    const r = await fe.blkRead(0, 4096);
+    assert.equal(r.status, Blk.S_OK);
+    assert.deepEqual(r.data, before.subarray(0, 4096));
+    const w = await fe.blkWrite(0, zeros(4096));
+    assert.equal(w.status, Blk.S_IOERR);
+    const d = await fe.blkRanges(Blk.T_DISCARD, [{ sector: 0, sectors: 64 }]);
+    assert.notEqual(d.status, Blk.S_OK);
+    const z = await fe.blkRanges(Blk.T_WRITE_ZEROES, [{ sector: 64, sectors: 64 }]);
+    assert.notEqual(z.status, Blk.S_OK);
+    assert.deepEqual(await Deno.readFile(file), before, "file unchanged");
+    await fe.stop();
+  });
+});
+
+Deno.test("vhost blk serves four queues at once, each request landing where it was sent", async () => {
+  await withMpqBlk(["--num-queues=4"], async (fe, file) => {
+    const info = await fe.handshake();
+    assert.equal(info.queueNum, 4);
+    await fe.start();
+    const ops = [];
+    for (let q = 0; q < 4; q++) {
+      for (let i = 0; i < 8; i++) {
+        ops.push(fe.blkWrite(q * 4096 + i * 64, patternBytes(32768, q * 100 + i), q));
+      }
+    }
+    for (const r of await Promise.all(ops)) assert.equal(r.status, Blk.S_OK);
+    for (let q = 0; q < 4; q++) {
+      assert.ok(fe.queues[q].kicks > 0, `queue ${q} was kicked`);
+      for (let i = 0; i < 8; i++) {
+        assert.deepEqual(
+          readFileRange(file, (q * 4096 + i * 64) * 512, 32768),
+          patternBytes(32768, q * 100 + i),
+        );
+      }
+    }
+    const reads = await Promise.all([0, 1, 2, 3].map((q) => fe.blkRead(q * 4096, 32768, 3 - q)));
+    reads.forEach((r, q) => assert.deepEqual(r.data, patternBytes(32768, q * 100)));
+    assert.deepEqual(await fe.stop(), fe.queues.map((q) => q.ring.availIdx));
+  }, { queues: 4, eventIdx: true });
+});
+
+Deno.test("vhost blk --blk-size=4096 reports it in config", async () => {
+  await withMpqBlk(["--blk-size=4096"], async (fe) => {
+    const info = await fe.handshake();
+    assert.ok(info.features & Feature.BLK_BLK_SIZE);
+    assert.equal(fe.blkConfig.blkSize, 4096);
+    assert.equal(fe.blkConfig.capacity, BigInt(DISK / 512), "capacity stays in 512-byte sectors");
+  });
+});
