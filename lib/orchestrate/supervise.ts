@@ -43,11 +43,18 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
     log: options.log,
     stopTimeoutMs: options.stopTimeoutMs,
     onUnexpectedExit: (child, status) => {
-      // A remote process exits by itself once QEMU is gone: blame QEMU when it is the one that ended.
+      // A remote process exits 0 by itself once its proxy's connection closes, i.e. when QEMU ends:
+      // QEMU's own exit may be reported a moment later, so give it a bound before blaming the remote.
       const qemu = vm.children.find((c) => c.planned.role === "qemu");
-      if (qemu && qemu !== child) {
-        const qs = qemu.check();
-        if (qs) return finish({ kind: "exit", child: qemu, status: qs });
+      if (qemu && qemu !== child && child.planned.role === "remote" && status.code === 0) {
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        const bound = new Promise<void>((r) => (timer = setTimeout(r, 2000)));
+        void Promise.race([qemu.exited, bound]).then(() => {
+          clearTimeout(timer);
+          const qs = qemu.check();
+          finish(qs ? { kind: "exit", child: qemu, status: qs } : { kind: "exit", child, status });
+        });
+        return;
       }
       finish({ kind: "exit", child, status });
     },
