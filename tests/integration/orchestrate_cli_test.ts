@@ -1,0 +1,134 @@
+/**
+ * `mpq orchestrate` as a program, without QEMU: bad topologies and bad flags start nothing and say
+ * what was wrong. Every "qemu" here is a script that would leave a marker file if it ever ran.
+ */
+import assert from "node:assert/strict";
+import { MpqRun, tempDir, writeTopology } from "../e2e/orchestrate_harness.ts";
+
+function markerQemu(dir: string): { qemu: string; marker: string } {
+  const qemu = `${dir}/fake-qemu.sh`;
+  const marker = `${dir}/started`;
+  Deno.writeTextFileSync(qemu, `#!/bin/sh\necho "$$" >> ${marker}\nsleep 30\n`);
+  Deno.chmodSync(qemu, 0o755);
+  return { qemu, marker };
+}
+
+function started(marker: string): boolean {
+  try {
+    Deno.statSync(marker);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+const INVALID: Array<[string, (qemu: string) => unknown, RegExp]> = [
+  [
+    "a device field of the wrong type",
+    (qemu) => ({ qemu, devices: [{ type: "vhost-user-blk", id: "b", backend: { socket: 42 } }] }),
+    /vm\.json: devices\[0\]\.backend\.socket: expected a string path, got 42/,
+  ],
+  [
+    "an unknown field",
+    (qemu) => ({ qemu, devices: [{ type: "remote", id: "lsi0", device: "lsi53c895a", drive: [] }] }),
+    /vm\.json: devices\[0\]\.drive: unknown field/,
+  ],
+  [
+    "duplicate ids",
+    (qemu) => ({
+      qemu,
+      devices: [{ type: "remote", id: "a", device: "x" }, { type: "remote", id: "a", device: "y" }],
+    }),
+    /devices\[1\]\.id: "a" is already the id of devices\[0\]/,
+  ],
+  [
+    "steps with start run",
+    (qemu) => ({ qemu, steps: [{ execute: "query-status" }] }),
+    /vm\.json: steps: need "start" to be "paused"/,
+  ],
+];
+
+for (const [what, topology, message] of INVALID) {
+  Deno.test(`orchestrate with ${what} names the field and starts nothing`, async () => {
+    using dir = tempDir("mpq-cli-");
+    const { qemu, marker } = markerQemu(dir.path);
+    await using run = MpqRun.start(["orchestrate", writeTopology(dir.path, topology(qemu))]);
+    const st = await run.status();
+    assert.equal(st.code, 1, run.report());
+    assert.match(run.stderr, message);
+    assert.equal(run.stdout, "");
+    assert.ok(!started(marker), "a process was started");
+  });
+}
+
+Deno.test("orchestrate with a topology that is not JSON says so and starts nothing", async () => {
+  using dir = tempDir("mpq-cli-");
+  const path = `${dir.path}/vm.json`;
+  Deno.writeTextFileSync(path, "{ memory: 512M }");
+  await using run = MpqRun.start(["orchestrate", path]);
+  assert.equal((await run.status()).code, 1);
+  assert.match(run.stderr, /\(json\): .*vm\.json is not valid JSON/);
+});
+
+Deno.test("orchestrate with a missing topology file names it", async () => {
+  await using run = MpqRun.start(["orchestrate", "/nonexistent/vm.json"]);
+  assert.equal((await run.status()).code, 1);
+  assert.match(run.stderr, /cannot read topology \/nonexistent\/vm\.json/);
+});
+
+Deno.test("orchestrate refuses to start when an external back-end is not listening", async () => {
+  using dir = tempDir("mpq-cli-");
+  const { qemu, marker } = markerQemu(dir.path);
+  const topo = writeTopology(dir.path, {
+    qemu,
+    devices: [
+      { type: "remote", id: "lsi0", device: "lsi53c895a", qemu },
+      { type: "vhost-user-blk", id: "vblk0", backend: { socket: `${dir.path}/nobody.sock` } },
+    ],
+  });
+  await using run = MpqRun.start(["orchestrate", topo]);
+  assert.equal((await run.status()).code, 1, run.report());
+  assert.match(
+    run.stderr,
+    /vhost-user back-end of vblk0: nothing is listening on .*nobody\.sock; nothing was started/,
+  );
+  assert.ok(!started(marker), "a process was started");
+});
+
+Deno.test("orchestrate refuses to start when a program is not on PATH", async () => {
+  using dir = tempDir("mpq-cli-");
+  const topo = writeTopology(dir.path, { qemu: "qemu-system-nonexistent" });
+  await using run = MpqRun.start(["orchestrate", topo]);
+  assert.equal((await run.status()).code, 1);
+  assert.match(run.stderr, /qemu: program qemu-system-nonexistent not found on PATH; nothing was started/);
+});
+
+const USAGE: Array<[string[], RegExp]> = [
+  [[], /a topology file \(or --demo\) is required/],
+  [["a.json", "b.json"], /one topology file expected: got a\.json b\.json/],
+  [["--demo", "a.json"], /--demo takes no topology file: got a\.json/],
+  [["--demo", "--json"], /--json goes with --dry-run/],
+  [["--demo", "--stop-timeout", "0"], /--stop-timeout must be 1\.\.600000 ms: got 0/],
+  [["--frobnicate"], /Unknown option '--frobnicate'/],
+];
+
+for (const [args, message] of USAGE) {
+  Deno.test(`orchestrate ${args.join(" ") || "(no arguments)"} is a usage error`, async () => {
+    await using run = MpqRun.start(["orchestrate", ...args]);
+    assert.equal((await run.status()).code, 1);
+    assert.match(run.stderr, message);
+    assert.match(run.stderr, /Usage: mpq orchestrate TOPOLOGY\.json/);
+  });
+}
+
+Deno.test("qmp usage errors and an unreachable socket", async () => {
+  await using a = MpqRun.start(["qmp", "/tmp/x.sock"]);
+  assert.equal((await a.status()).code, 1);
+  assert.match(a.stderr, /SOCKET and COMMAND are required/);
+  await using b = MpqRun.start(["qmp", "/tmp/x.sock", "query-status", "[1]"]);
+  assert.equal((await b.status()).code, 1);
+  assert.match(b.stderr, /JSON-ARGS must be a JSON object: got \[1\]/);
+  await using c = MpqRun.start(["qmp", "/nonexistent/qmp.sock", "query-status"]);
+  assert.equal((await c.status()).code, 1);
+  assert.match(c.stderr, /cannot connect to QMP socket \/nonexistent\/qmp\.sock: .*ENOENT/);
+});
