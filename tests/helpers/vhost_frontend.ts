@@ -375,6 +375,7 @@ export class VhostUserFrontend {
   /** Messages the back-end sent that were not replies to anything (e.g. unexpected). */
   readonly unsolicited: Message[] = [];
   #started = false;
+  #closing = false;
   /** An error a reactor callback threw (the front-end stops serving completions after it). */
   reactorError: Error | null = null;
 
@@ -951,6 +952,7 @@ export class VhostUserFrontend {
    * used.len when the device completes it; rejects after `timeoutMs`.
    */
   submit(q: FrontendQueue, segments: readonly Segment[]): Promise<Completion> {
+    if (this.#closing) return Promise.reject(new FrontendError("front-end closed"));
     const head = q.ring.add(segments, { indirect: this.options.indirect });
     if (head === null) return Promise.reject(new FrontendError(`queue ${q.index}: no free descriptors`));
     const done = new Promise<Completion>((resolve, reject) => {
@@ -970,7 +972,8 @@ export class VhostUserFrontend {
   }
 
   async #slot(q: FrontendQueue): Promise<number> {
-    while (q.freeSlots.length === 0) await new Promise<void>((r) => q.slotWaiters.push(r));
+    while (q.freeSlots.length === 0 && !this.#closing) await new Promise<void>((r) => q.slotWaiters.push(r));
+    if (this.#closing) throw new FrontendError("front-end closed");
     return q.freeSlots.pop()!;
   }
 
@@ -1102,17 +1105,23 @@ export class VhostUserFrontend {
 
   /** Closes the connection and every fd, unmaps RAM and stops the reactor. Idempotent. */
   async close(): Promise<void> {
+    this.#closing = true;
     this.#dropSocket("front-end closed");
-    for (const q of this.queues) {
-      for (const [, p] of q.pending) {
-        clearTimeout(p.timer);
-        p.reject(new FrontendError("front-end closed"));
+    const failPending = () => {
+      for (const q of this.queues) {
+        for (const [, p] of q.pending) {
+          clearTimeout(p.timer);
+          p.reject(new FrontendError("front-end closed"));
+        }
+        q.pending.clear();
+        for (const w of q.slotWaiters.splice(0)) w();
       }
-      q.pending.clear();
-    }
+    };
+    failPending();
     for (const w of this.#watches.splice(0)) w.remove();
     this.reactor.stop();
     await this.#running;
+    failPending();
     if (!this.ram.map.closed) {
       this.reactor.close();
       for (const q of this.queues) q.close();

@@ -435,6 +435,11 @@ export class SplitQueue {
     this.#pushAvail(head);
   }
 
+  /** The head stored in avail->ring[i % size]. */
+  availEntry(i: number): number {
+    return this.#u16[this.#availRingAt + (i & this.#mask)];
+  }
+
   /** Sets avail->idx directly (e.g. to claim more entries than the ring holds). */
   rawAvailIdx(idx: number): void {
     this.availIdx = idx & 0xffff;
