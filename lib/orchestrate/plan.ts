@@ -147,7 +147,6 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
     { id: "qmp-operator", kind: "listen", path: operatorSocket, purpose: "QMP monitor for operators" },
   );
   let nextQemuFd = 5;
-  const dirTag = dir.slice(dir.lastIndexOf("/") + 1);
 
   for (const d of t.devices) {
     switch (d.type) {
@@ -234,8 +233,9 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
               "-F",
               "-S",
               path,
-              "-M",
-              `${dirTag}-${d.id}`,
+              // A file in /dev/shm, unlinked at once: nothing is left behind even after SIGKILL.
+              "-m",
+              "/dev/shm",
               "-l",
               d.server.mpq.size,
               "-n",

@@ -177,3 +177,63 @@ Deno.test({
     assert.deepEqual(await waitGone(run.pids.values()), []);
   },
 });
+
+for (const victim of ["vhost vblk0", "ivshmem ivs0"]) {
+  Deno.test({
+    name: `orchestrate kill -9 of ${victim} (an mpq child) tears the VM down and exits 1 naming it`,
+    ignore,
+    async fn() {
+      using dir = tempDir("mpq-faults-");
+      const disk = `${dir.path}/disk.img`;
+      Deno.writeFileSync(disk, new Uint8Array(1024 * 1024));
+      const topo = writeTopology(
+        dir.path,
+        firmwareVm(dir.path, {
+          devices: [
+            { type: "remote", id: "lsi0", device: "lsi53c895a" },
+            { type: "vhost-user-blk", id: "vblk0", backend: { mpq: { file: disk } } },
+            { type: "ivshmem", id: "ivs0", server: { mpq: { size: "1M" } } },
+          ],
+        }),
+      );
+      await using run = MpqRun.start(["orchestrate", topo]);
+      await run.waitFor(/\] running +4 processes/);
+      const pid = run.pids.get(victim)!;
+      Deno.kill(pid, "SIGKILL");
+      const st = await run.status();
+      assert.equal(st.code, 1, run.report());
+      assert.match(
+        run.stderr,
+        new RegExp(`${victim} \\(pid ${pid}\\) exited unexpectedly: killed by SIGKILL`),
+      );
+      assert.deepEqual(await waitGone(run.pids.values()), [], "a VM process outlived mpq");
+    },
+  });
+}
+
+Deno.test({
+  name: "orchestrate kill -9 of mpq also takes its mpq vhost and mpq ivshmem children",
+  ignore,
+  async fn() {
+    using dir = tempDir("mpq-faults-");
+    const disk = `${dir.path}/disk.img`;
+    Deno.writeFileSync(disk, new Uint8Array(1024 * 1024));
+    const topo = writeTopology(
+      dir.path,
+      firmwareVm(dir.path, {
+        devices: [
+          { type: "remote", id: "lsi0", device: "lsi53c895a" },
+          { type: "vhost-user-blk", id: "vblk0", backend: { mpq: { file: disk } } },
+          { type: "ivshmem", id: "ivs0", server: { mpq: { size: "1M" } } },
+        ],
+      }),
+    );
+    await using run = MpqRun.start(["orchestrate", topo]);
+    await run.waitFor(/\] running +4 processes/);
+    const pids = [...run.pids.values()];
+    assert.equal(pids.length, 4);
+    run.child.kill("SIGKILL");
+    await run.status();
+    assert.deepEqual(await waitGone(pids), [], "VM processes survived SIGKILL of mpq");
+  },
+});

@@ -136,6 +136,13 @@ export class MpqRun {
       } catch { /* gone */ }
     }
     await waitGone(this.pids.values());
+    // After SIGKILL mpq could not remove its runtime dir (dead sockets only): the test does.
+    const dir = this.#out.match(/mpq qmp (\S+)\/qmp-operator\.sock/)?.[1];
+    if (dir) {
+      try {
+        Deno.removeSync(dir, { recursive: true });
+      } catch { /* removed by mpq */ }
+    }
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
