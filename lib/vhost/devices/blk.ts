@@ -342,7 +342,12 @@ export class BlkDevice implements VhostUserDevice {
     q.inKick = true;
     try {
       do {
-        while (vq.pop(chain)) this.#request(q, chain);
+        let k = 0;
+        const cap = Number(Deno.env.get("MPQ_BATCH") ?? "1000000");
+        while (k < cap && vq.pop(chain)) {
+          this.#request(q, chain);
+          k++;
+        }
         q.engine.submit();
         // Writethrough flushes queued by completions inside submit() need another round.
         while (q.requeued) {
@@ -491,32 +496,43 @@ export class BlkDevice implements VhostUserDevice {
     if (bytes <= 0 || bytes % 16 !== 0 || bytes / 16 > MAX_DWZ_SEGS) return BlkStatus.IOERR;
     this.#copyReadable(c, 16, bytes);
     const v = this.#scratchView;
-    for (let s = 0; s < bytes / 16; s++) {
-      const o = 16 * s;
-      const lo = v.getUint32(o, true), hi = v.getUint32(o + 4, true);
-      const num = v.getUint32(o + 8, true);
-      const flags = v.getUint32(o + 12, true);
-      if (hi >= 0x100000 || num > MAX_DISCARD_SECTORS || (flags & ~1) !== 0) return BlkStatus.UNSUPP;
-      const off = (hi * 4294967296 + lo) * SECTOR;
-      const len = num * SECTOR;
-      if (off + len > this.size) return BlkStatus.IOERR;
-      if (len === 0) continue;
-      try {
-        if (type === BlkType.DISCARD || (flags & 1)) punchHole(this.#file, off, len);
-        else zeroRange(this.#file, off, len);
-      } catch (e) {
-        const errno = (e as ErrnoError).errno;
-        if (type === BlkType.DISCARD && errno === 95 /* EOPNOTSUPP */) continue;
-        if (type === BlkType.WRITE_ZEROES && errno === 95) {
-          try {
-            punchHole(this.#file, off, len);
-            continue;
-          } catch { /* fall through */ }
-        }
-        return BlkStatus.IOERR;
+    // Pass 0 validates every range, pass 1 applies them: a bad range leaves the file untouched.
+    for (let pass = 0; pass < 2; pass++) {
+      for (let s = 0; s < bytes / 16; s++) {
+        const o = 16 * s;
+        const lo = v.getUint32(o, true), hi = v.getUint32(o + 4, true);
+        const num = v.getUint32(o + 8, true);
+        const flags = v.getUint32(o + 12, true);
+        // virtio 1.2 5.2.6.2: unknown flags, and the unmap flag on a discard, are UNSUPP.
+        if ((flags & ~1) !== 0 || (type === BlkType.DISCARD && (flags & 1))) return BlkStatus.UNSUPP;
+        if (hi >= 0x100000 || num > MAX_DISCARD_SECTORS) return BlkStatus.IOERR;
+        const off = (hi * 4294967296 + lo) * SECTOR;
+        const len = num * SECTOR;
+        if (off + len > this.size) return BlkStatus.IOERR;
+        if (pass === 0 || len === 0) continue;
+        if (!this.#deallocate(type, flags, off, len)) return BlkStatus.IOERR;
       }
     }
     return BlkStatus.OK;
+  }
+
+  /** Discards or zeroes one range; false on failure. */
+  #deallocate(type: number, flags: number, off: number, len: number): boolean {
+    try {
+      if (type === BlkType.DISCARD || (flags & 1)) punchHole(this.#file, off, len);
+      else zeroRange(this.#file, off, len);
+      return true;
+    } catch (e) {
+      const errno = (e as ErrnoError).errno;
+      if (errno !== 95 /* EOPNOTSUPP */) return false;
+      if (type === BlkType.DISCARD) return true; // discard is a hint
+      try {
+        punchHole(this.#file, off, len); // reads of a hole return zeros
+        return true;
+      } catch {
+        return false;
+      }
+    }
   }
 
   close(): void {
