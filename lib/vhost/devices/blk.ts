@@ -342,12 +342,7 @@ export class BlkDevice implements VhostUserDevice {
     q.inKick = true;
     try {
       do {
-        let k = 0;
-        const cap = Number(Deno.env.get("MPQ_BATCH") ?? "1000000");
-        while (k < cap && vq.pop(chain)) {
-          this.#request(q, chain);
-          k++;
-        }
+        while (vq.pop(chain)) this.#request(q, chain);
         q.engine.submit();
         // Writethrough flushes queued by completions inside submit() need another round.
         while (q.requeued) {
