@@ -182,7 +182,12 @@ export async function main(args: string[]): Promise<number> {
   }
   let daemon: VhostUserDaemon;
   try {
-    daemon = new VhostUserDaemon(device, l, { metricsPath: str("metrics"), pollUs, signals: true });
+    daemon = new VhostUserDaemon(device, l, {
+      metricsPath: str("metrics"),
+      pollUs,
+      signals: true,
+      trace: Deno.env.get("MPQ_VHOST_TRACE") === "1",
+    });
   } catch (e) {
     l.close();
     device.close();
