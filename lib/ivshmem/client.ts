@@ -46,6 +46,8 @@ interface Waiter {
   match: (e: IvshmemEvent) => boolean;
   resolve: (e: IvshmemEvent) => void;
   reject: (e: Error) => void;
+  /** Leave the event in the queue for the next caller too. */
+  keep: boolean;
   timer?: ReturnType<typeof setTimeout>;
 }
 
@@ -140,7 +142,7 @@ export class IvshmemClient {
         this.#waiters.delete(w);
         if (w.timer !== undefined) clearTimeout(w.timer);
         w.resolve(e);
-        taken = true;
+        if (!w.keep) taken = true;
       }
     }
     if (!taken && (this.#options.queueEvents ?? true)) this.#queue.push(e);
@@ -161,7 +163,7 @@ export class IvshmemClient {
       return Promise.resolve(e);
     }
     return new Promise((resolve, reject) => {
-      const w: Waiter = { match, resolve, reject };
+      const w: Waiter = { match, resolve, reject, keep: options.keep ?? false };
       if (options.timeoutMs !== undefined) {
         w.timer = setTimeout(() => {
           this.#waiters.delete(w);
