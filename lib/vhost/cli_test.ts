@@ -1,0 +1,143 @@
+import assert from "node:assert/strict";
+import { connectUnix, listenUnix, spawn } from "../../ffi/mod.ts";
+import { selfCommand } from "../cli/self.ts";
+import { decodeHeader, decodeU64, encodeMessage, Flags, HEADER_SIZE, Request } from "./message.ts";
+
+async function mpq(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const [exe, ...pre] = selfCommand();
+  const out = await new Deno.Command(exe, { args: [...pre, ...args], stdout: "piped", stderr: "piped" })
+    .output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+async function waitFor(cond: () => boolean, what: string): Promise<void> {
+  for (let i = 0; i < 600; i++) {
+    if (cond()) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`gave up waiting for ${what}`);
+}
+
+function exists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** GET_FEATURES over a blocking connection; returns the features. */
+function getFeatures(path: string): bigint {
+  const s = connectUnix(path, { nonBlocking: false });
+  try {
+    s.sendMsg(encodeMessage(Request.GET_FEATURES, Flags.VERSION, new Uint8Array(0)));
+    const buf = new Uint8Array(HEADER_SIZE + 8);
+    let got = 0;
+    while (got < buf.byteLength) {
+      const r = s.recvMsg(buf.subarray(got));
+      if (!r || r.bytes === 0) throw new Error("daemon closed the connection");
+      got += r.bytes;
+    }
+    const h = decodeHeader(buf);
+    assert.equal(h.flags, 0x5);
+    return decodeU64(h.request, buf.subarray(HEADER_SIZE));
+  } finally {
+    s.close();
+  }
+}
+
+Deno.test("vhost cli --print-capabilities prints the vhost-user.json capabilities", async () => {
+  const blk = await mpq(["vhost", "blk", "--print-capabilities"]);
+  assert.equal(blk.code, 0);
+  assert.deepEqual(JSON.parse(blk.stdout), { type: "block", features: ["read-only", "blk-file"] });
+  const rng = await mpq(["vhost", "rng", "--print-capabilities"]);
+  assert.equal(rng.code, 0);
+  assert.deepEqual(JSON.parse(rng.stdout), { type: "rng" });
+});
+
+Deno.test("vhost cli exits early and non-zero naming the bad argument or file", async () => {
+  const dir = Deno.makeTempDirSync({ prefix: "mpq-vhost-cli-" });
+  try {
+    const sock = `${dir}/s.sock`;
+    const img = `${dir}/d.img`;
+    Deno.writeFileSync(img, new Uint8Array(4096));
+    const cases: [string[], RegExp][] = [
+      [["vhost", "blk", `--socket-path=${sock}`], /--blk-file is required/],
+      [["vhost", "blk", `--socket-path=${sock}`, `--blk-file=${dir}/missing.img`], /missing\.img/],
+      [["vhost", "blk", `--blk-file=${img}`], /--socket-path or --fd is required/],
+      [["vhost", "blk", `--blk-file=${img}`, `--socket-path=${sock}`, "--fd=3"], /mutually exclusive/],
+      [
+        ["vhost", "blk", `--blk-file=${img}`, `--socket-path=${sock}`, "--blk-size=1000"],
+        /--blk-size must be 512 or 4096/,
+      ],
+      [
+        ["vhost", "blk", `--blk-file=${img}`, `--socket-path=${sock}`, "--num-queues=0"],
+        /--num-queues must be/,
+      ],
+      [
+        ["vhost", "blk", `--blk-file=${img}`, `--socket-path=${sock}`, "--serial=123456789012345678901"],
+        /--serial/,
+      ],
+      [["vhost", "blk", `--blk-file=${img}`, `--socket-path=${sock}`, "--bogus"], /bogus/],
+      [["vhost", "rng", `--socket-path=${sock}`, "--blk-file=x"], /blk-file/],
+      [["vhost", "net"], /unknown device 'net'/],
+      [["vhost", "rng", "--fd=99"], /--fd 99/],
+    ];
+    for (const [args, re] of cases) {
+      const r = await mpq(args);
+      assert.equal(r.code, 1, `${args.join(" ")}: exit ${r.code}\n${r.stderr}`);
+      assert.match(r.stderr, re, args.join(" "));
+    }
+    assert.equal(exists(sock), false, "no socket left behind");
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("vhost cli serves --socket-path and exits 0 at once on SIGTERM, removing the socket", async () => {
+  const dir = Deno.makeTempDirSync({ prefix: "mpq-vhost-cli-" });
+  const sock = `${dir}/rng.sock`;
+  const [exe, ...pre] = selfCommand();
+  const child = spawn(exe, [exe, ...pre, "vhost", "rng", `--socket-path=${sock}`], { stdio: "null" });
+  try {
+    await waitFor(() => exists(sock), "the socket");
+    assert.ok(getFeatures(sock) & (1n << 32n), "VERSION_1 offered");
+    child.kill(15);
+    const st = await child.wait();
+    assert.equal(st.code, 0, st.text);
+    assert.equal(exists(sock), false);
+  } finally {
+    child.kill(9);
+    await child.wait();
+    child.pidfd.close();
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("vhost cli serves the socket systemd passes (LISTEN_PID/LISTEN_FDS, fd 3)", async () => {
+  const dir = Deno.makeTempDirSync({ prefix: "mpq-vhost-cli-" });
+  const sock = `${dir}/act.sock`;
+  const listener = listenUnix(sock, { nonBlocking: false });
+  const [exe, ...pre] = selfCommand();
+  const env = { ...Deno.env.toObject(), LISTEN_FDS: "1" };
+  // LISTEN_PID must be the daemon's own pid: the shell sets it to $$, then execs (same pid).
+  const child = spawn("/bin/sh", ["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", exe, ...pre, "vhost", "rng"], {
+    env,
+    fds: new Map([[3, listener.fd]]),
+    stdio: "null",
+  });
+  try {
+    assert.ok(getFeatures(sock) & (1n << 30n), "PROTOCOL_FEATURES offered");
+    child.kill(15);
+    const st = await child.wait();
+    assert.equal(st.code, 0, st.text);
+  } finally {
+    child.kill(9);
+    await child.wait();
+    child.pidfd.close();
+    listener.close();
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
