@@ -372,7 +372,7 @@ export class VhostUserFrontend {
   #watches: Watch[] = [];
   info: DeviceInfo | null = null;
   inflight: InflightRegion | null = null;
-  /** Messages the back-end sent that were not replies to anything (e.g. unexpected). */
+  /** Messages that arrived while nothing waited; the next waitReply()/waitAny() takes them first. */
   readonly unsolicited: Message[] = [];
   #started = false;
   #closing = false;
@@ -522,24 +522,28 @@ export class VhostUserFrontend {
         this.unsolicited.push(m);
         continue;
       }
-      if (w.request === ANY_REPLY) {
-        w.resolve(m);
-        continue;
-      }
-      if (request !== w.request) {
-        for (const f of m.fds) f.close();
-        w.reject(
-          new FrontendError(`waiting for the reply to ${reqName(w.request)}, got ${reqName(request)}`),
-        );
-        continue;
-      }
-      if ((flags & 0x3) !== MsgFlags.VERSION || !(flags & MsgFlags.REPLY)) {
-        for (const f of m.fds) f.close();
-        w.reject(new FrontendError(`${reqName(request)} reply: flags 0x${flags.toString(16)}, expected 0x5`));
-        continue;
-      }
-      w.resolve(m);
+      this.#deliver(w, m);
     }
+  }
+
+  #deliver(
+    w: { resolve: (m: Message) => void; reject: (e: Error) => void; request: number },
+    m: Message,
+  ): void {
+    if (w.request === ANY_REPLY) return w.resolve(m);
+    if (m.request !== w.request) {
+      for (const f of m.fds) f.close();
+      return w.reject(
+        new FrontendError(`waiting for the reply to ${reqName(w.request)}, got ${reqName(m.request)}`),
+      );
+    }
+    if ((m.flags & 0x3) !== MsgFlags.VERSION || !(m.flags & MsgFlags.REPLY)) {
+      for (const f of m.fds) f.close();
+      return w.reject(
+        new FrontendError(`${reqName(m.request)} reply: flags 0x${m.flags.toString(16)}, expected 0x5`),
+      );
+    }
+    w.resolve(m);
   }
 
   #fail(reason: string): void {
@@ -554,6 +558,7 @@ export class VhostUserFrontend {
     this.#sock = null;
     for (const f of this.#rxFds) f.close();
     this.#rxFds = [];
+    for (const m of this.unsolicited.splice(0)) for (const f of m.fds) f.close();
     for (const w of this.#replyWaiters.splice(0)) {
       w.reject(new FrontendError(`${reqName(w.request)}: ${reason}`));
     }
@@ -603,6 +608,11 @@ export class VhostUserFrontend {
 
   /** Waits for the next reply, which must answer `request`. */
   waitReply(request: number, timeoutMs = this.options.timeoutMs): Promise<Message> {
+    // A message that arrived while nobody waited (e.g. two replies in one read) goes first.
+    const early = this.unsolicited.shift();
+    if (early) {
+      return new Promise<Message>((resolve, reject) => this.#deliver({ request, resolve, reject }, early));
+    }
     if (!this.#sock) {
       return Promise.reject(
         new FrontendError(`${reqName(request)}: ${this.#closedReason ?? "not connected"}`),
