@@ -72,6 +72,8 @@ export const MAX_DISCARD_SECTORS = 0x3fffff;
 const SECTOR = 512;
 const ID_BYTES = 20;
 const MAX_DWZ_SEGS = 16;
+/** How long stopping a queue waits for its requests. */
+const STOP_TIMEOUT_MS = 5000;
 
 /** Which I/O engine: "auto" picks the best available. */
 export type EngineChoice = "auto" | "uring" | "preadv";
@@ -331,9 +333,36 @@ export class BlkDevice implements VhostUserDevice {
     q.vq = vq;
   }
 
+  /**
+   * Completes every request of the queue before the ring stops (GET_VRING_BASE, disconnect), so no
+   * completion lands after the front-end took the ring back or guest memory was unmapped. An
+   * asynchronous engine is pumped until idle; one stuck for STOP_TIMEOUT_MS is closed (it waits
+   * for the kernel, drops the completions: with inflight tracking they are resubmitted later).
+   */
   stopQueue(vq: VirtQueue): void {
     const q = this.#queues[vq.index];
-    if (q && q.engine.pending > 0) q.engine.submit();
+    if (!q || q.engine.pending === 0) return;
+    const deadline = performance.now() + STOP_TIMEOUT_MS;
+    q.inKick = true;
+    try {
+      while (q.engine.pending > 0 && performance.now() < deadline) {
+        q.engine.submit();
+        while (q.requeued) {
+          q.requeued = false;
+          q.engine.submit();
+        }
+      }
+    } finally {
+      q.inKick = false;
+    }
+    const left = q.engine.pending;
+    if (left > 0) {
+      q.engine.close();
+      this.#queues[vq.index] = undefined;
+      throw new Error(
+        `queue ${vq.index}: ${left} request(s) still in flight after ${STOP_TIMEOUT_MS} ms`,
+      );
+    }
   }
 
   processQueue(vq: VirtQueue): void {
