@@ -225,35 +225,41 @@ const POINTS: ReadonlyArray<{ rw: "randread" | "randwrite"; depth: number }> = [
   { rw: "randwrite", depth: 32 },
 ];
 
-async function measureBackend(
-  start: () => Promise<Backend>,
-  seconds: number,
-  warmup: number,
-): Promise<LoadResult[] | Error> {
-  let be: Backend | null = null;
+/** A started back-end with a started front-end on it. */
+interface Session {
+  name: string;
+  be: Backend | null;
+  fe: VhostUserFrontend | null;
+  error: Error | null;
+  results: LoadResult[];
+}
+
+async function openSession(name: string, start: () => Promise<Backend>): Promise<Session> {
+  const s: Session = { name, be: null, fe: null, error: null, results: [] };
   try {
-    be = await start();
-    await using fe = await VhostUserFrontend.connect(be.socketPath, {
+    s.be = await start();
+    s.fe = await VhostUserFrontend.connect(s.be.socketPath, {
       queueSize: 256,
       eventIdx: true,
       memSize: 64 << 20,
       depth: 1,
       maxRequestBytes: 4096,
     });
-    const info = await fe.handshake();
-    if (!(info.features & Feature.RING_EVENT_IDX)) throw new Error(`${be.name} does not offer EVENT_IDX`);
-    await fe.start();
-    const out: LoadResult[] = [];
-    for (const p of POINTS) {
-      out.push(await runLoad(fe, { ...p, seconds, warmup, backendPid: be.child.pid }));
-    }
-    await fe.stop();
-    return out;
+    const info = await s.fe.handshake();
+    if (!(info.features & Feature.RING_EVENT_IDX)) throw new Error(`${s.be.name} does not offer EVENT_IDX`);
+    await s.fe.start();
   } catch (e) {
-    return e instanceof Error ? e : new Error(String(e));
-  } finally {
-    await be?.stop();
+    s.error = e instanceof Error ? e : new Error(String(e));
   }
+  return s;
+}
+
+async function closeSession(s: Session): Promise<void> {
+  try {
+    if (s.fe?.started) await s.fe.stop();
+  } catch { /* reported through results */ }
+  await s.fe?.close();
+  await s.be?.stop();
 }
 
 function fmt(n: number, width: number, digits = 0): string {
@@ -287,15 +293,43 @@ export async function benchVhost(
       `vhost-user-blk: 4 KiB random I/O on a ${size >> 20} MiB file in /dev/shm, ${seconds} s per point ` +
         `(+${warmup} s warm-up), one TypeScript front-end with EVENT_IDX driving each back-end`,
     );
-    const results: Record<string, LoadResult[] | Error> = {};
-    results["mpq"] = await measureBackend(
-      () => startMpqVhost("blk", `${dir}/mpq.sock`, { args: [`--blk-file=${file}`] }),
-      seconds,
-      warmup,
+    // Both back-ends run side by side; the points alternate between them (mpq first, then qsd
+    // first) so drifting load on a shared machine does not favour one of them.
+    const sessions = [
+      await openSession(
+        "mpq",
+        () => startMpqVhost("blk", `${dir}/mpq.sock`, { args: [`--blk-file=${file}`] }),
+      ),
+      haveTool("qemu-storage-daemon")
+        ? await openSession("qsd", () => startQsd(file, `${dir}/qsd.sock`, { queues: 1 }))
+        : {
+          name: "qsd",
+          be: null,
+          fe: null,
+          error: new Error("qemu-storage-daemon is not installed"),
+          results: [],
+        },
+    ];
+    try {
+      for (let i = 0; i < POINTS.length; i++) {
+        const order = i % 2 === 0 ? sessions : [...sessions].reverse();
+        for (const s of order) {
+          if (s.error || !s.fe || !s.be) continue;
+          try {
+            s.results.push(
+              await runLoad(s.fe, { ...POINTS[i], seconds, warmup, backendPid: s.be.child.pid }),
+            );
+          } catch (e) {
+            s.error = e instanceof Error ? e : new Error(String(e));
+          }
+        }
+      }
+    } finally {
+      for (const s of sessions) await closeSession(s);
+    }
+    const results: Record<string, LoadResult[] | Error> = Object.fromEntries(
+      sessions.map((s) => [s.name, s.error ?? s.results]),
     );
-    results["qsd"] = haveTool("qemu-storage-daemon")
-      ? await measureBackend(() => startQsd(file, `${dir}/qsd.sock`, { queues: 1 }), seconds, warmup)
-      : new Error("qemu-storage-daemon is not installed");
     console.log(
       `${"back-end".padEnd(9)} ${"workload".padEnd(13)} ${"IOPS".padStart(9)} ${"p50 us".padStart(8)} ` +
         `${"p99 us".padStart(8)} ${"CPU us/IO".padStart(10)} ${"kicks/IO".padStart(9)} ${
