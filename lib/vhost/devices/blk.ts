@@ -149,9 +149,7 @@ class BlkRequest implements BlkIoRequest {
   statusRegion: GuestRegion | null = null;
   statusOff = 0;
   start = 0;
-  /** Writethrough: the write is done, its flush is in flight. */
-  flushing = false;
-  /** Writethrough: what the write returned while its flush runs. */
+  /** Writethrough: what the write returned while it waits for its flush. */
   writeResult = 0;
 
   constructor(q: BlkQueue) {
@@ -164,6 +162,27 @@ class BlkRequest implements BlkIoRequest {
   }
 }
 
+/**
+ * Writethrough durability: one fdatasync for every write that completed before it was started,
+ * instead of one per write.
+ */
+class DurabilityFlush implements BlkIoRequest {
+  readonly op = "flush";
+  readonly offset = 0;
+  readonly iov = new IoVecs(1);
+  readonly q: BlkQueue;
+  /** The writes this flush makes durable. */
+  batch: BlkRequest[] = [];
+
+  constructor(q: BlkQueue) {
+    this.q = q;
+  }
+
+  done(result: number): void {
+    this.q.durabilityDone(result);
+  }
+}
+
 /** Per-queue state of the block device. */
 class BlkQueue {
   readonly dev: BlkDevice;
@@ -172,12 +191,34 @@ class BlkQueue {
   vq: VirtQueue;
   readonly slots: (BlkRequest | undefined)[] = [];
   inKick = false;
-  /** A completion queued more I/O during the kick (writethrough flush): submit again. */
+  /** Writes completed during the kick wait for a durability flush: start one and submit again. */
   requeued = false;
+  /** Pop time (shared by the requests of one pass over the ring: one clock read per pass). */
+  stamp = 0;
   #flushQueued = false;
   readonly #flushLater = () => {
     this.#flushQueued = false;
-    if (!this.inKick) this.vq.flush();
+    if (!this.inKick) this.publish();
+  };
+  /** Start times of requests completed since the last publish (latency needs one clock read). */
+  readonly #doneStarts = new Float64Array(1024);
+  #doneN = 0;
+  /** Writethrough: writes done, waiting for the next flush to start. */
+  #waiting: BlkRequest[] = [];
+  readonly #flush = new DurabilityFlush(this);
+  #flushInFlight = false;
+  #flushScheduled = false;
+  readonly #flushSoon = () => {
+    this.#flushScheduled = false;
+    if (this.inKick) this.requeued = true;
+    else {
+      try {
+        if (this.startDurabilityFlush()) this.engine.submit();
+      } catch (e) {
+        // The engine closed under us (queue stopped): the writes stay in flight (inflight area).
+        console.error(`mpq vhost: queue ${this.vq.index}: writethrough flush: ${(e as Error).message}`);
+      }
+    }
   };
 
   constructor(dev: BlkDevice, vq: VirtQueue, engine: BlkIoEngine, metrics: QueueMetrics) {
@@ -193,17 +234,18 @@ class BlkQueue {
 
   /** Completion from the engine (or inline). */
   complete(req: BlkRequest, result: number): void {
-    if (result >= 0 && req.op === "write" && !this.dev.writeback && !req.flushing) {
-      // Writethrough: the write completes only once it is durable.
-      req.flushing = true;
+    if (result >= 0 && req.op === "write" && !this.dev.writeback) {
+      // Writethrough: the write completes once a flush started after it has finished.
       req.writeResult = result;
-      req.op = "flush";
-      this.engine.queue(req);
+      this.#waiting.push(req);
+      if (this.#flushInFlight) return; // durabilityDone() starts the next one
       if (this.inKick) this.requeued = true;
-      else this.engine.submit();
+      else if (!this.#flushScheduled) {
+        this.#flushScheduled = true; // gather the other completions of this reap first
+        queueMicrotask(this.#flushSoon);
+      }
       return;
     }
-    if (req.flushing && result >= 0) result = req.writeResult;
     let status: number = BlkStatus.OK;
     let used = 1;
     if (result < 0) status = BlkStatus.IOERR;
@@ -214,20 +256,67 @@ class BlkQueue {
     this.finish(req, status, used);
   }
 
+  /** Whether writes wait for, or are in, a durability flush. */
+  get durabilityPending(): boolean {
+    return this.#flushInFlight || this.#waiting.length > 0;
+  }
+
+  /** Starts one flush for every write waiting; false when there is none or one is in flight. */
+  startDurabilityFlush(): boolean {
+    if (this.#flushInFlight || this.#waiting.length === 0) return false;
+    const f = this.#flush;
+    const empty = f.batch;
+    f.batch = this.#waiting;
+    this.#waiting = empty;
+    this.#flushInFlight = true;
+    this.engine.queue(f);
+    return true;
+  }
+
+  /** The durability flush finished: complete its writes. */
+  durabilityDone(result: number): void {
+    this.#flushInFlight = false;
+    const batch = this.#flush.batch;
+    for (let i = 0; i < batch.length; i++) {
+      const r = batch[i];
+      this.finish(r, result < 0 || r.writeResult !== r.dataLen ? BlkStatus.IOERR : BlkStatus.OK, 1);
+    }
+    batch.length = 0;
+    if (this.#waiting.length > 0) {
+      if (this.inKick) this.requeued = true;
+      else if (this.startDurabilityFlush()) this.engine.submit();
+    }
+  }
+
   finish(req: BlkRequest, status: number, usedLen: number): void {
-    req.flushing = false;
     if (req.statusRegion) req.statusRegion.bytes[req.statusOff] = status;
     const m = this.metrics;
     m.requests++;
     if (status !== BlkStatus.OK) m.errors++;
     else if (req.type === BlkType.IN) m.readBytes += req.dataLen;
     else if (req.type === BlkType.OUT) m.writeBytes += req.dataLen;
-    m.observe((performance.now() - req.start) * 1000);
+    if (this.#doneN === this.#doneStarts.length) this.#observe();
+    this.#doneStarts[this.#doneN++] = req.start;
     this.vq.pushUsed(req.head, usedLen);
     if (!this.inKick && !this.#flushQueued) {
       this.#flushQueued = true;
       queueMicrotask(this.#flushLater);
     }
+  }
+
+  #observe(): void {
+    const n = this.#doneN;
+    if (n === 0) return;
+    const now = performance.now();
+    const m = this.metrics;
+    for (let i = 0; i < n; i++) m.observe((now - this.#doneStarts[i]) * 1000);
+    this.#doneN = 0;
+  }
+
+  /** Publishes the used ring (one store, one call if wanted) and records the batch's latencies. */
+  publish(): void {
+    this.vq.flush();
+    this.#observe();
   }
 }
 
@@ -341,20 +430,21 @@ export class BlkDevice implements VhostUserDevice {
    */
   stopQueue(vq: VirtQueue): void {
     const q = this.#queues[vq.index];
-    if (!q || q.engine.pending === 0) return;
+    if (!q || (q.engine.pending === 0 && !q.durabilityPending)) return;
     const deadline = performance.now() + STOP_TIMEOUT_MS;
     q.inKick = true;
     try {
-      while (q.engine.pending > 0 && performance.now() < deadline) {
+      while ((q.engine.pending > 0 || q.durabilityPending) && performance.now() < deadline) {
         q.engine.submit();
         while (q.requeued) {
           q.requeued = false;
-          q.engine.submit();
+          if (q.startDurabilityFlush()) q.engine.submit();
         }
       }
     } finally {
       q.inKick = false;
     }
+    q.publish();
     const left = q.engine.pending;
     if (left > 0) {
       q.engine.close();
@@ -371,14 +461,15 @@ export class BlkDevice implements VhostUserDevice {
     q.inKick = true;
     try {
       do {
+        q.stamp = performance.now();
         while (vq.pop(chain)) this.#request(q, chain);
         q.engine.submit();
-        // Writethrough flushes queued by completions inside submit() need another round.
+        // Writes completed inside submit() in writethrough mode: one flush for all of them.
         while (q.requeued) {
           q.requeued = false;
-          q.engine.submit();
+          if (q.startDurabilityFlush()) q.engine.submit();
         }
-        vq.flush();
+        q.publish();
       } while (vq.enableNotification());
     } finally {
       q.inKick = false;
@@ -389,8 +480,7 @@ export class BlkDevice implements VhostUserDevice {
   #request(q: BlkQueue, c: DescriptorChain): void {
     const req = q.slot(c.head);
     req.head = c.head;
-    req.start = performance.now();
-    req.flushing = false;
+    req.start = q.stamp;
     req.statusRegion = null;
     req.dataLen = 0;
     req.iov.clear();
