@@ -141,3 +141,40 @@ Deno.test("vhost cli serves the socket systemd passes (LISTEN_PID/LISTEN_FDS, fd
     Deno.removeSync(dir, { recursive: true });
   }
 });
+
+Deno.test("vhost cli --metrics serves Prometheus text and SIGUSR1 logs a summary line", async () => {
+  const dir = Deno.makeTempDirSync({ prefix: "mpq-vhost-cli-" });
+  const sock = `${dir}/rng.sock`;
+  const metrics = `${dir}/rng.metrics`;
+  const [exe, ...pre] = selfCommand();
+  const child = new Deno.Command(exe, {
+    args: [...pre, "vhost", "rng", `--socket-path=${sock}`, `--metrics=${metrics}`],
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  try {
+    await waitFor(() => exists(sock) && exists(metrics), "the sockets");
+    const s = connectUnix(metrics, { nonBlocking: false });
+    const buf = new Uint8Array(65536);
+    let text = "";
+    for (;;) {
+      const r = s.recvMsg(buf);
+      if (!r || r.bytes === 0) break;
+      text += new TextDecoder().decode(buf.subarray(0, r.bytes));
+    }
+    s.close();
+    assert.match(text, /^mpq_vhost_requests_total\{device="rng",queue="0"\} 0$/m);
+    child.kill("SIGUSR1");
+    await new Promise((r) => setTimeout(r, 300));
+    child.kill("SIGTERM");
+    const out = await child.output();
+    assert.equal(out.code, 0);
+    assert.match(new TextDecoder().decode(out.stderr), /mpq vhost rng: 0 requests, .* 0 errors/);
+    assert.equal(exists(metrics), false, "the metrics socket is removed");
+  } finally {
+    try {
+      child.kill("SIGKILL");
+    } catch { /* exited */ }
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
