@@ -44,12 +44,12 @@ msix_masked() {
   printf '\300' | dd of=$dev/config bs=1 seek=$((cap + 3)) count=1 conv=notrunc 2>/dev/null
   [ $(( $(cfgb $((cap + 3))) & 192 )) -eq 192 ] || { mark error "MSI-X enable did not stick"; exit 1; }
 }
-# wait_pending VECTOR: poll the PBA until the vector's bit is set (up to ~120 s).
+# wait_pending VECTOR: poll the PBA until the vector's bit is set (at least 300 s).
 wait_pending() {
   i=0
   while [ $(( $(rd $pba_addr) >> $1 & 1 )) -eq 0 ]; do
     i=$((i + 1))
-    [ $i -lt 1200 ] || { mark error "vector $1 never became pending"; exit 1; }
+    [ $i -lt 3000 ] || { mark error "vector $1 never became pending"; exit 1; }
     sleep 0.1
   done
 }
@@ -236,7 +236,7 @@ while [ -z "$other" ]; do
     [ $j -ne $ivpos ] && [ $(rd $((bar2 + 0x100 + 4 * j))) -eq $((j + 1)) ] && other=$j
   done
   n=$((n + 1))
-  [ $n -lt 1200 ] || { mark error "the other guest never posted its id"; exit 1; }
+  [ $n -lt 3000 ] || { mark error "the other guest never posted its id"; exit 1; }
   [ -n "$other" ] || sleep 0.1
 done
 mark other $other
