@@ -96,6 +96,10 @@ export class UnixSocket {
    */
   sendMsg(data: Uint8Array<ArrayBuffer>, fds: readonly OwnedFd[] = []): number | null {
     if (data.byteLength === 0 && fds.length === 0) return 0;
+    if (data.byteLength === 0) {
+      // A stream socket sends nothing for an empty payload, and the fds would be silently dropped.
+      throw new RangeError(`sendMsg: ${fds.length} fd(s) need at least one data byte to travel with`);
+    }
     if (fds.length > this.#maxFds) {
       throw new RangeError(`sendMsg: ${fds.length} fds, this socket carries at most ${this.#maxFds}`);
     }
