@@ -112,12 +112,15 @@ Deno.test("socket recvMsg returns null when nothing is ready and bytes 0 when th
   }
 });
 
-Deno.test("socket a fd sent alone with a 1-byte payload arrives; sendMsg of nothing is a no-op", () => {
+Deno.test("socket sendMsg of nothing is a no-op; fds without a data byte are refused, not dropped", () => {
   const [a, b] = socketPair();
+  const mem = memfdCreate("needs-a-byte");
   try {
     assert.equal(a.sendMsg(new Uint8Array(0)), 0);
     assert.equal(b.recvMsg(new Uint8Array(4)), null, "nothing was sent");
+    assert.throws(() => a.sendMsg(new Uint8Array(0), [mem]), /1 fd\(s\) need at least one data byte/);
   } finally {
+    mem.close();
     a.close();
     b.close();
   }
