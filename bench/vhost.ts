@@ -364,6 +364,12 @@ export async function benchVhost(
         );
       }
     }
+    const failed = Object.entries(results).filter(([, r]) => r instanceof Error);
+    if (failed.length) {
+      throw new Error(
+        `vhost benchmark: ${failed.map(([n, r]) => `${n}: ${(r as Error).message}`).join("; ")}`,
+      );
+    }
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
