@@ -87,8 +87,16 @@ export class VhostUserDaemon {
     this.#listenWatch?.remove();
     this.#listenWatch = null;
     this.metrics.connections++;
+    const polling = (this.#opts.pollUs ?? 0) > 0;
     const handler = new VhostUserHandler(this.device, { reactor: this.reactor, metrics: this.metrics }, {
       log: this.#log,
+      // While busy-polling, a kick starts the poll window and further kicks are suppressed.
+      onKick: polling
+        ? (q) => {
+          if (q.ready) q.suppressNotification();
+          this.#lastWork = performance.now();
+        }
+        : undefined,
     });
     this.#handler = handler;
     this.#conn = new VhostUserConnection(sock, handler, this.reactor, {
@@ -103,19 +111,33 @@ export class VhostUserDaemon {
     });
   }
 
+  /**
+   * Busy-polling: serve rings that have buffers without waiting for kicks (which are suppressed
+   * meanwhile); after pollUs without work, ask for kicks again and let the reactor sleep.
+   */
   #poll(): boolean {
     const h = this.#handler;
     if (!h) return false;
     let worked = false;
     for (const q of h.queues) {
       if (q.ready && q.hasWork()) {
+        q.suppressNotification();
         h.process(q);
         worked = true;
       }
     }
     const now = performance.now();
     if (worked) this.#lastWork = now;
-    return worked || (now - this.#lastWork) * 1000 < (this.#opts.pollUs ?? 0);
+    const polling = (now - this.#lastWork) * 1000 < (this.#opts.pollUs ?? 0);
+    if (!polling) {
+      for (const q of h.queues) {
+        if (q.suppressed && q.resumeNotification() && q.ready) {
+          h.process(q);
+          worked = true;
+        }
+      }
+    }
+    return worked || polling;
   }
 
   /** Runs until stop(). */

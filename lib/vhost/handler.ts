@@ -91,6 +91,8 @@ interface Entry {
 export interface HandlerOptions {
   /** Diagnostics (default: console.error). */
   log?: (line: string) => void;
+  /** Called on every kick before the queue is processed (busy-polling takes over from here). */
+  onKick?: (q: VirtQueue) => void;
 }
 
 /**
@@ -109,6 +111,7 @@ export class VhostUserHandler {
   readonly #kickWatches: (Watch | null)[] = [];
   readonly #table = new Map<number, Entry>();
   readonly #log: (line: string) => void;
+  readonly #onKick: ((q: VirtQueue) => void) | undefined;
   #inflightMap: MappedRegion | null = null;
   /** Mappings replaced while I/O may still point into them: unmapped on close(). */
   #retired: { close(): void }[] = [];
@@ -118,6 +121,7 @@ export class VhostUserHandler {
     this.device = device;
     this.ctx = ctx;
     this.#log = options.log ?? ((l) => console.error(l));
+    this.#onKick = options.onKick;
     for (let i = 0; i < device.numQueues; i++) {
       this.queues.push(new VirtQueue(i));
       this.#kickWatches.push(null);
@@ -463,6 +467,7 @@ export class VhostUserHandler {
     }
     this.#kickWatches[q.index] = this.ctx.reactor.add(kick.fd, { readable: true }, () => {
       kick.drain();
+      this.#onKick?.(q);
       this.process(q);
     });
     if (q.ready && q.hasWork()) this.process(q);

@@ -18,6 +18,7 @@ export const DescFlags = { NEXT: 1, WRITE: 2, INDIRECT: 4 } as const;
 /** Largest queue size we accept (and the cap on any chain's length). */
 export const MAX_QUEUE_SIZE = 1024;
 const AVAIL_F_NO_INTERRUPT = 1;
+const USED_F_NO_NOTIFY = 1;
 
 /** A ring that breaks the virtio rules. */
 export class VirtqueueError extends Error {
@@ -88,6 +89,7 @@ export class VirtQueue {
   #resubmit: number[] = [];
   #batch = new Uint16Array(MAX_QUEUE_SIZE);
   #batchN = 0;
+  #suppressed = false;
 
   constructor(index: number) {
     this.index = index;
@@ -146,6 +148,7 @@ export class VirtQueue {
     this.#batchN = 0;
     this.#resubmit = [];
     this.broken = false;
+    this.#suppressed = false;
     if (this.inflight) {
       const heads = this.inflight.recover(this.usedIdx);
       for (const h of heads) {
@@ -350,8 +353,33 @@ export class VirtQueue {
    */
   enableNotification(): boolean {
     if (!this.#used) return false;
+    if (this.#suppressed) return this.hasWork();
     if (this.eventIdx) Atomics.store(this.#used.u16, this.#usedIdxPos + 1 + 4 * this.size, this.lastAvail);
     return this.hasWork();
+  }
+
+  /** Whether kicks are suppressed (busy-polling). */
+  get suppressed(): boolean {
+    return this.#suppressed;
+  }
+
+  /**
+   * Busy-polling: asks the driver not to kick (VRING_USED_F_NO_NOTIFY; with EVENT_IDX, avail_event
+   * is simply left behind), until resumeNotification().
+   */
+  suppressNotification(): void {
+    if (this.#suppressed || !this.#used) return;
+    this.#suppressed = true;
+    if (!this.eventIdx) Atomics.store(this.#used.u16, this.#usedIdxPos - 1, USED_F_NO_NOTIFY);
+  }
+
+  /** Ends suppression and asks for the next kick; returns whether buffers arrived meanwhile. */
+  resumeNotification(): boolean {
+    if (!this.#suppressed) return false;
+    this.#suppressed = false;
+    if (!this.#used) return false;
+    if (!this.eventIdx) Atomics.store(this.#used.u16, this.#usedIdxPos - 1, 0);
+    return this.enableNotification();
   }
 
   /** Marks the queue broken and signals the error eventfd. */
