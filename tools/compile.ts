@@ -133,9 +133,19 @@ async function buildDenoCompile(output: string, denort: string): Promise<void> {
   await Deno.stat(denort).catch(() => {
     throw new Error(`DENORT_BIN=${denort}: no such file (expected a denort runtime binary)`);
   });
-  await run(Deno.execPath(), ["compile", "-A", "--quiet", "--no-check", "-o", output, `${ROOT}main.ts`], {
-    env: { ...Deno.env.toObject(), DENORT_BIN: denort },
-  });
+  // Compile the bundle from a scratch dir: compiling main.ts in the project would embed all of
+  // node_modules (the npm "deno" package is itself a 95 MiB binary).
+  const stage = await Deno.makeTempDir({ prefix: "mpq-compile-" });
+  try {
+    await bundle(`${stage}/mpq.js`);
+    await run(
+      Deno.execPath(),
+      ["compile", "-A", "--quiet", "--no-config", "--no-check", "-o", output, `${stage}/mpq.js`],
+      { env: { ...Deno.env.toObject(), DENORT_BIN: denort }, cwd: stage },
+    );
+  } finally {
+    await Deno.remove(stage, { recursive: true });
+  }
 }
 
 /**
