@@ -99,10 +99,53 @@ class VectorSet {
   }
 }
 
-interface Outgoing {
-  bytes: Uint8Array<ArrayBuffer>;
-  fd: OwnedFd | null;
-  hold: VectorSet | null;
+/**
+ * Messages waiting for one peer's socket, FIFO, as parallel arrays (a join storm queues millions
+ * of them: no object per message). `sent` counts bytes of the head already written; once any
+ * byte went out, its fd went with it.
+ */
+class SendQueue {
+  values: number[] = [];
+  fds: Array<OwnedFd | null> = [];
+  holds: Array<VectorSet | null> = [];
+  head = 0;
+  sent = 0;
+
+  get length(): number {
+    return this.values.length - this.head;
+  }
+
+  push(value: number, fd: OwnedFd | null, hold: VectorSet | null): void {
+    this.values.push(value);
+    this.fds.push(fd);
+    this.holds.push(hold);
+  }
+
+  /** Drops the head (its hold already released). */
+  shift(): void {
+    this.fds[this.head] = null;
+    this.holds[this.head] = null;
+    this.head++;
+    this.sent = 0;
+    if (this.head === this.values.length) {
+      this.clear();
+    } else if (this.head >= 4096 && this.head * 2 >= this.values.length) {
+      this.values.splice(0, this.head);
+      this.fds.splice(0, this.head);
+      this.holds.splice(0, this.head);
+      this.head = 0;
+    }
+  }
+
+  /** Empties the queue, releasing every hold still in it. */
+  clear(): void {
+    for (let i = this.head; i < this.holds.length; i++) this.holds[i]?.release();
+    this.values = [];
+    this.fds = [];
+    this.holds = [];
+    this.head = 0;
+    this.sent = 0;
+  }
 }
 
 interface Peer {
@@ -110,8 +153,7 @@ interface Peer {
   sock: UnixSocket;
   watch: Watch | null;
   vectors: VectorSet;
-  queue: Outgoing[];
-  head: number;
+  queue: SendQueue;
   writing: boolean;
   /** Set when it is being dropped: nothing more is sent to it. */
   gone: boolean;
@@ -192,6 +234,7 @@ export class IvshmemServer {
   /** Connected peers in join order. */
   readonly #peers = new Map<number, Peer>();
   readonly #drops: Peer[] = [];
+  readonly #scratch = new Uint8Array(MESSAGE_SIZE);
   #dropping = false;
   #pauseTimer: ReturnType<typeof setTimeout> | undefined;
   #closed = false;
@@ -321,8 +364,7 @@ export class IvshmemServer {
         sock,
         watch: null,
         vectors: new VectorSet(fds),
-        queue: [],
-        head: 0,
+        queue: new SendQueue(),
         writing: false,
         gone: false,
       };
@@ -365,11 +407,10 @@ export class IvshmemServer {
 
   /** Sends now if nothing is queued and the socket takes it; else queues (holding the eventfds). */
   #send(peer: Peer, value: number, fd: OwnedFd | null, hold: VectorSet | null): void {
-    const bytes = encodeMessage(value);
-    if (peer.queue.length === peer.head) {
+    if (peer.queue.length === 0) {
       let n: number | null;
       try {
-        n = peer.sock.sendMsg(bytes, fd ? [fd] : []);
+        n = peer.sock.sendMsg(encodeMessage(value, this.#scratch), fd ? [fd] : []);
       } catch (e) {
         this.#log(`peer ${peer.id}: ${e instanceof Error ? e.message : e}`);
         this.#scheduleDrop(peer);
@@ -378,18 +419,20 @@ export class IvshmemServer {
       if (n === MESSAGE_SIZE) return;
       if (n !== null) {
         // A partial write took the fd with its first byte; the rest goes later without it.
-        this.#enqueue(peer, { bytes: bytes.subarray(n), fd: null, hold: null });
+        peer.queue.push(value, null, null);
+        peer.queue.sent = n;
+        this.#queued(peer);
         return;
       }
     }
     hold?.hold();
-    this.#enqueue(peer, { bytes, fd, hold });
+    peer.queue.push(value, fd, hold);
+    this.#queued(peer);
   }
 
-  #enqueue(peer: Peer, out: Outgoing): void {
-    peer.queue.push(out);
+  #queued(peer: Peer): void {
     this.#stats.queued++;
-    const depth = peer.queue.length - peer.head;
+    const depth = peer.queue.length;
     if (depth > this.#stats.maxQueue) this.#stats.maxQueue = depth;
     if (depth > this.#limit()) {
       this.#log(`peer ${peer.id}: not reading, ${depth} messages queued; disconnecting it`);
@@ -405,26 +448,24 @@ export class IvshmemServer {
 
   /** Writes queued messages until the socket is full or the queue is empty. */
   #flush(peer: Peer): void {
-    while (peer.head < peer.queue.length) {
-      const out = peer.queue[peer.head];
-      const n = peer.sock.sendMsg(out.bytes, out.fd ? [out.fd] : []);
+    const q = peer.queue;
+    while (q.length > 0) {
+      const bytes = encodeMessage(q.values[q.head], this.#scratch);
+      const data = q.sent > 0 ? bytes.subarray(q.sent) : bytes;
+      const fd = q.sent > 0 ? null : q.fds[q.head];
+      const n = peer.sock.sendMsg(data, fd ? [fd] : []);
       if (n === null) return;
-      if (n < out.bytes.byteLength) {
-        out.bytes = out.bytes.subarray(n);
-        out.fd = null;
-        out.hold?.release();
-        out.hold = null;
+      if (q.sent === 0) {
+        q.holds[q.head]?.release();
+        q.holds[q.head] = null;
+        q.fds[q.head] = null;
+      }
+      if (n < data.byteLength) {
+        q.sent += n;
         continue;
       }
-      out.hold?.release();
-      peer.head++;
-      if (peer.head >= 1024 && peer.head * 2 >= peer.queue.length) {
-        peer.queue.splice(0, peer.head);
-        peer.head = 0;
-      }
+      q.shift();
     }
-    peer.queue.length = 0;
-    peer.head = 0;
     peer.writing = false;
     peer.watch?.modify({ readable: true });
   }
@@ -482,9 +523,7 @@ export class IvshmemServer {
     this.#log(`free peer ${peer.id}`);
     peer.watch?.remove();
     peer.sock.close();
-    for (let i = peer.head; i < peer.queue.length; i++) peer.queue[i].hold?.release();
-    peer.queue.length = 0;
-    peer.head = 0;
+    peer.queue.clear();
     peer.vectors.release();
   }
 
@@ -505,7 +544,7 @@ export class IvshmemServer {
       if (!tell) continue;
       const bytes = encodeMessage(peer.id);
       for (const other of this.#peers.values()) {
-        if (other.queue.length !== other.head) continue;
+        if (other.queue.length !== 0) continue;
         try {
           other.sock.sendMsg(bytes);
         } catch { /* it is going too */ }
