@@ -290,3 +290,25 @@ Deno.test("virtqueue with inflight tracking resubmits what was in flight after a
     t.done();
   }
 });
+
+Deno.test("virtqueue suppresses kicks while polling and asks for them again afterwards", () => {
+  const t = setup();
+  try {
+    const usedFlags = () => t.g.view.getUint16(t.ring.used, true);
+    t.vq.suppressNotification();
+    assert.equal(usedFlags(), 1, "VRING_USED_F_NO_NOTIFY while polling");
+    t.ring.publish(0);
+    assert.equal(t.vq.resumeNotification(), true, "work that arrived while suppressed is reported");
+    assert.equal(usedFlags(), 0);
+    t.vq.eventIdx = true;
+    t.vq.suppressNotification();
+    assert.equal(t.vq.enableNotification(), true);
+    assert.equal(t.ring.availEvent, 0, "avail_event left behind while suppressed");
+    t.vq.pop(new DescriptorChain());
+    t.ring.setDesc(0, 0x10000, 8, WRITE);
+    assert.equal(t.vq.resumeNotification(), false);
+    assert.equal(t.ring.availEvent, 1, "avail_event = last_avail again");
+  } finally {
+    t.done();
+  }
+});
