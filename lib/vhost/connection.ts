@@ -38,6 +38,7 @@ export class VhostUserConnection {
   #fds: OwnedFd[] = [];
   #out: { data: Uint8Array<ArrayBuffer>; fds: OwnedFd[] }[] = [];
   #closed = false;
+  #wantWrite = false;
 
   constructor(
     sock: UnixSocket,
@@ -136,7 +137,8 @@ export class VhostUserConnection {
       const item = this.#out[0];
       const n = this.#sock.sendMsg(item.data, item.fds);
       if (n === null) {
-        this.#watch.modify({ readable: true, writable: true });
+        if (!this.#wantWrite) this.#watch.modify({ readable: true, writable: true });
+        this.#wantWrite = true;
         return;
       }
       for (const f of item.fds) f.close();
@@ -147,7 +149,10 @@ export class VhostUserConnection {
       }
       this.#out.shift();
     }
-    if (!this.#closed) this.#watch.modify({ readable: true });
+    if (!this.#closed && this.#wantWrite) {
+      this.#wantWrite = false;
+      this.#watch.modify({ readable: true });
+    }
   }
 
   /** Closes the connection: handler cleanup, socket close, onClose. Idempotent. */
