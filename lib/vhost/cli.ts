@@ -31,7 +31,8 @@ blk options:
   --read-only             refuse writes (VIRTIO_BLK_F_RO)
   --serial=ID             GET_ID answer (at most 20 bytes)
   --blk-size=512|4096     logical block size (default 512)
-  --num-queues=N          request queues, 1..64 (default 1)
+  --num-queues=N          request queues offered, 1..64 (default: the host's CPU count, so
+                          QEMU's default of one queue per vCPU works)
   --direct                O_DIRECT on the file
   --writeback             advertise a writeback cache (FLUSH = fdatasync); default writethrough
   --engine=auto|uring|preadv   I/O engine (default auto)
@@ -54,6 +55,11 @@ function intArg(name: string, value: string | undefined, min: number, max: numbe
     );
   }
   return n;
+}
+
+/** QEMU's vhost-user-blk-pci asks for one queue per vCPU: offer as many as the host has CPUs. */
+function defaultQueues(): number {
+  return Math.min(64, Math.max(1, navigator.hardwareConcurrency || 1));
 }
 
 /** Resolves where to listen: --socket-path, --fd, or systemd's fd 3. */
@@ -150,7 +156,7 @@ export async function main(args: string[]): Promise<number> {
     if (blkSize !== 512 && blkSize !== 4096) {
       throw new UsageError(`--blk-size must be 512 or 4096: got ${blkSize}`, USAGE);
     }
-    const numQueues = intArg("num-queues", str("num-queues"), 1, 64) ?? 1;
+    const numQueues = intArg("num-queues", str("num-queues"), 1, 64) ?? defaultQueues();
     const serial = str("serial") ?? "";
     if (new TextEncoder().encode(serial).byteLength > 20) {
       throw new UsageError(`--serial must be at most 20 bytes: got ${JSON.stringify(serial)}`, USAGE);
