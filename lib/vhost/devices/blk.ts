@@ -582,7 +582,8 @@ export class BlkDevice implements VhostUserDevice {
         skip -= s;
       }
       const k = Math.min(l, len - pos);
-      if (k > 0) this.#scratch.set(c.regions[i]!.bytes.subarray(off, off + k), pos);
+      const src = c.regions[i]!.bytes;
+      for (let j = 0; j < k; j++) this.#scratch[pos + j] = src[off + j];
       pos += k;
     }
     return pos;
