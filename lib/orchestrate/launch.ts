@@ -336,8 +336,11 @@ export class Vm {
    * the QMP managed start. On failure throws LaunchError; call stop() either way.
    */
   async start(): Promise<void> {
+    if (this.#stopped) throw new LaunchError("the VM was already stopped");
     this.#open();
     for (const p of this.plan.processes) {
+      // Teardown may have begun while we waited (a signal, a child's exit): start nothing more.
+      if (this.#stopped) throw new LaunchError(`not starting ${p.name}: the VM is being torn down`);
       const child = this.#spawn(p);
       await this.#ready(child);
     }
