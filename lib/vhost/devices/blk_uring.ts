@@ -123,22 +123,33 @@ export class UringEngine implements BlkIoEngine {
   #pump(): void {
     const ring = this.#ring;
     ring.eventFdEnabled = false;
-    while (true) {
-      while (this.#freeTop > 0 && this.#waitHead < this.#waiting.length) {
-        const req = this.#waiting[this.#waitHead++];
-        if (this.#waitHead === this.#waiting.length) {
-          this.#waiting = [];
-          this.#waitHead = 0;
+    let armed = false;
+    try {
+      while (true) {
+        while (this.#freeTop > 0 && this.#waitHead < this.#waiting.length) {
+          const req = this.#waiting[this.#waitHead++];
+          if (this.#waitHead === this.#waiting.length) {
+            this.#waiting = [];
+            this.#waitHead = 0;
+          }
+          this.queue(req);
         }
-        this.queue(req);
+        ring.submit();
+        if (ring.reap(this.#onCqe) > 0) continue;
+        if (this.#freeTop === this.depth && this.#waitHead === this.#waiting.length) break;
+        ring.eventFdEnabled = true;
+        armed = true;
+        // A completion posted between the reap and re-arming would signal nobody: look once more.
+        if (ring.cqReady === 0) break;
+        ring.eventFdEnabled = false;
+        armed = false;
       }
-      ring.submit();
-      if (ring.reap(this.#onCqe) > 0) continue;
-      if (this.#freeTop === this.depth && this.#waitHead === this.#waiting.length) break;
-      ring.eventFdEnabled = true;
-      // A completion posted between the reap and re-arming would signal nobody: look once more.
-      if (ring.cqReady === 0) break;
-      ring.eventFdEnabled = false;
+    } finally {
+      // A done() callback or the kernel threw: keep the completion path alive for what is in flight.
+      if (!armed && !this.#closed && this.#freeTop < this.depth) {
+        ring.eventFdEnabled = true;
+        if (ring.cqReady > 0) this.#ev.signal();
+      }
     }
   }
 
@@ -181,11 +192,11 @@ export class UringEngine implements BlkIoEngine {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    this.#watch.remove();
     this.#waiting = [];
     this.#waitHead = 0;
     const ring = this.#ring;
     try {
+      this.#watch.remove();
       // Hand over anything prepared (the kernel would otherwise see a half-published SQ), then
       // wait for every busy slot.
       ring.submit();

@@ -191,6 +191,41 @@ Deno.test("UringEngine completes from the reactor when the kernel finishes later
   }
 });
 
+Deno.test("UringEngine keeps completing after a done() callback throws", async () => {
+  const fx = new Fixture(65536, 65536);
+  const engine = new UringEngine(fx.file, fx.reactor, { depth: 8 });
+  try {
+    const results: number[] = [];
+    const { promise, resolve } = Promise.withResolvers<void>();
+    engine.queue({
+      op: "read",
+      offset: 0,
+      iov: fx.iov(0, 4096),
+      done: () => {
+        throw new Error("device bug");
+      },
+    });
+    for (let i = 1; i <= 2; i++) {
+      engine.queue({
+        op: "read",
+        offset: i * 4096,
+        iov: fx.iov(i * 4096, 4096),
+        done: (n) => {
+          results.push(n);
+          if (results.length === 2) resolve();
+        },
+      });
+    }
+    assert.throws(() => engine.submit(), /device bug/);
+    await promise;
+    assert.deepEqual(results, [4096, 4096]);
+    assert.equal(engine.pending, 0);
+  } finally {
+    engine.close();
+    await fx.close();
+  }
+});
+
 Deno.test("UringEngine reports failures as negative errno", async () => {
   const fx = new Fixture(65536, 65536);
   const ro = openPath(fx.path, OpenFlags.O_RDONLY);
