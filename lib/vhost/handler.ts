@@ -180,7 +180,8 @@ export class VhostUserHandler {
         result = entry.fn(m);
       } catch (e) {
         if (!(e instanceof Error)) throw e;
-        failure = `${requestName(m.request)}: ${e.message}`;
+        const name = requestName(m.request);
+        failure = e.message.startsWith(`${name}:`) ? e.message : `${name}: ${e.message}`;
       }
     }
     for (let i = 0; i < m.fds.length; i++) {
