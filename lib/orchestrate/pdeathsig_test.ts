@@ -47,3 +47,19 @@ Deno.test("pdeathsig wrapper refuses to start the target when its parent is not 
 Deno.test("pdeathsig wrapper needs an absolute program path", () => {
   assert.throws(() => withParentDeathSignal("qemu", ["qemu"], 1), /needs an absolute path: got qemu/);
 });
+
+Deno.test("pdeathsig wrapper leaves the target no ignored and no blocked signals", async () => {
+  using dir = {
+    path: Deno.makeTempDirSync(),
+    [Symbol.dispose]() {
+      Deno.removeSync(this.path, { recursive: true });
+    },
+  };
+  const out = `${dir.path}/status`;
+  const argv = withParentDeathSignal("/bin/cp", ["cp", "/proc/self/status", out], getpid());
+  const st = await spawn(argv[0], argv).wait();
+  assert.equal(st.text, "exit 0");
+  const status = Deno.readTextFileSync(out);
+  assert.match(status, /^SigBlk:\s+0000000000000000$/m);
+  assert.match(status, /^SigIgn:\s+0000000000000000$/m);
+});
