@@ -6,6 +6,7 @@
  * VHOST_E2E_BACKEND=qsd runs the same tests against qemu-storage-daemon (to check the tests).
  */
 import assert from "node:assert/strict";
+import { Signal } from "../../ffi/mod.ts";
 import { Guest, guestAvailable } from "../helpers/guest.ts";
 import {
   type Backend,
@@ -20,15 +21,20 @@ const USE_QSD = Deno.env.get("VHOST_E2E_BACKEND") === "qsd";
 const ignore = !guestAvailable() || (USE_QSD && !haveTool("qemu-storage-daemon"));
 const DISK = 64 << 20;
 
-async function startBackend(file: string, sock: string, readOnly = false): Promise<Backend> {
-  if (USE_QSD) return await startQsd(file, sock, { writable: !readOnly });
+async function startBackend(file: string, sock: string, readOnly = false, queues = 1): Promise<Backend> {
+  if (USE_QSD) return await startQsd(file, sock, { writable: !readOnly, queues });
   return await startMpqVhost("blk", sock, {
-    args: [`--blk-file=${file}`, ...(readOnly ? ["--read-only"] : [])],
+    args: [`--blk-file=${file}`, `--num-queues=${queues}`, ...(readOnly ? ["--read-only"] : [])],
   });
 }
 
-function diskArgs(sock: string): string[] {
-  return ["-chardev", `socket,id=c0,path=${sock}`, "-device", "vhost-user-blk-pci,chardev=c0"];
+function diskArgs(sock: string, chardev = "", device = ""): string[] {
+  return [
+    "-chardev",
+    `socket,id=c0,path=${sock}${chardev}`,
+    "-device",
+    `vhost-user-blk-pci,chardev=c0${device}`,
+  ];
 }
 
 async function sha256(data: Uint8Array<ArrayBuffer>): Promise<string> {
@@ -53,6 +59,7 @@ async function fioFiles(): Promise<Record<string, Uint8Array>> {
 async function withDisk(
   readOnly: boolean,
   fn: (file: string, sock: string) => Promise<void>,
+  queues = 1,
 ): Promise<void> {
   const dir = await Deno.makeTempDir({ prefix: "vhost-blk-e2e-" });
   const file = `${dir}/disk.img`;
@@ -62,7 +69,7 @@ async function withDisk(
     readOnly ? (off) => new Uint8Array(1 << 20).fill(0x5a + (off >> 20)) : undefined,
   );
   const sock = `${dir}/blk.sock`;
-  const be = await startBackend(file, sock, readOnly);
+  const be = await startBackend(file, sock, readOnly, queues);
   try {
     await fn(file, sock);
     assert.equal(be.child.status, null, `${be.name} exited during the test: ${be.child.status?.text}`);
@@ -106,34 +113,38 @@ Deno.test({
 });
 
 Deno.test({
-  name: "vhost blk e2e: fio --verify=crc32c passes in the guest",
+  name: "vhost blk e2e: fio --verify=crc32c passes in the guest on a two-queue disk",
   ignore: ignore || !haveTool("fio"),
   async fn() {
     await withDisk(false, async (_file, sock) => {
       const fio = [
         "/usr/sbin/ld-linux-x86-64.so.2 --library-path /usr/sbin /usr/sbin/fio",
         "--name=verify --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16",
-        "--rw=randwrite --bs=4k --size=16M --offset=8M",
+        "--rw=randwrite --bs=4k --size=8M --offset=8M --offset_increment=8M",
+        "--numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split",
         "--verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse",
       ].join(" ");
       await using guest = await Guest.start({
         name: "vhost-blk fio guest",
         sharedMemory: true,
-        args: diskArgs(sock),
+        // Two vCPUs: Linux's virtio_blk uses at most one queue per CPU.
+        args: ["-smp", "2", ...diskArgs(sock, "", ",num-queues=2")],
         files: await fioFiles(),
         script: [
           `chmod 755 /usr/sbin/ld-linux-x86-64.so.2 /usr/sbin/fio`,
-          `${fio} > /tmp/fio.out 2>&1; rc=$?`,
-          `[ $rc = 0 ] || cat /tmp/fio.out`,
+          `mark queues $(ls /sys/block/vda/mq | wc -l)`,
+          `${fio} > /tmp/fio.out 2>/tmp/fio.err; rc=$?`,
+          `[ $rc = 0 ] || cat /tmp/fio.out /tmp/fio.err`,
           `mark fio $rc`,
-          // terse v3: field 6 = read io KiB, field 47 = write io KiB (both must be the 16 MiB range)
-          `mark kib $(cut -d';' -f6,47 /tmp/fio.out | tail -1)`,
+          // terse v3, one line per job: field 6 = read io KiB, field 47 = write io KiB (8 MiB each)
+          `mark kib $(grep -c '^3;' /tmp/fio.out) $(grep '^3;' /tmp/fio.out | cut -d';' -f6,47 | sort -u | tr '\\n' ' ')`,
         ].join("\n"),
       });
+      assert.equal(await guest.waitFor("queues"), "2", "the guest sees two request queues");
       assert.equal(await guest.waitFor("fio", 600_000), "0", guest.tail());
-      assert.equal(await guest.waitFor("kib"), "16384;16384", guest.tail());
+      assert.equal(await guest.waitFor("kib"), "2 8192;8192", guest.tail());
       assert.equal(await guest.waitExit(), 0);
-    });
+    }, 2);
   },
 });
 
@@ -159,5 +170,56 @@ Deno.test({
       assert.equal(await guest.waitExit(), 0);
       assert.equal(await sha256(await Deno.readFile(file)), before, "the read-only file was not modified");
     });
+  },
+});
+
+Deno.test({
+  name:
+    "vhost blk e2e: QEMU (reconnect=1) gets its disk back after kill -9 of the daemon and no write is lost",
+  ignore: ignore || USE_QSD,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "vhost-blk-reconnect-" });
+    const file = `${dir}/disk.img`;
+    await makeDiskFile(file, DISK);
+    const sock = `${dir}/blk.sock`;
+    const daemons: Backend[] = [await startBackend(file, sock)];
+    try {
+      await using guest = await Guest.start({
+        name: "vhost-blk reconnect guest",
+        sharedMemory: true,
+        args: diskArgs(sock, ",reconnect=1"),
+        script: [
+          `dd if=/dev/urandom of=/tmp/data bs=1M count=8 2>/dev/null`,
+          `i=0`,
+          `while [ $i -lt 32 ]; do`,
+          `  dd if=/tmp/data of=/dev/vda bs=256k count=1 skip=$i seek=$i conv=notrunc,fsync 2>/dev/null || mark ioerr $i`,
+          `  mark chunk $i`,
+          `  i=$((i+1))`,
+          `done`,
+          `echo 3 > /proc/sys/vm/drop_caches`,
+          `dd if=/dev/vda of=/tmp/back bs=1M count=8 2>/dev/null`,
+          `cmp /tmp/data /tmp/back && mark readback same`,
+          `mark sha $(sha256sum /tmp/data | cut -d' ' -f1)`,
+        ].join("\n"),
+      });
+      await guest.waitFor("chunk", 300_000);
+      daemons[0].child.kill(Signal.SIGKILL);
+      const doneAtKill = guest.markers().filter(([n]) => n === "chunk").length;
+      assert.ok(
+        doneAtKill < 32,
+        `the guest was still writing when the daemon died (${doneAtKill} chunks done)`,
+      );
+      await daemons[0].child.wait();
+      await new Promise((r) => setTimeout(r, 1500)); // QEMU sees the hang-up and keeps retrying
+      daemons.push(await startBackend(file, sock));
+      assert.equal(await guest.waitFor("readback", 300_000), "same", guest.tail());
+      const sha = await guest.waitFor("sha");
+      assert.equal(await guest.waitExit(), 0);
+      assert.deepEqual(guest.markers().filter(([n]) => n === "ioerr"), [], "no write failed in the guest");
+      assert.equal(await sha256(readFileRange(file, 0, 8 << 20)), sha, "host file holds every chunk");
+    } finally {
+      for (const d of daemons) await d.stop();
+      await Deno.remove(dir, { recursive: true });
+    }
   },
 });
