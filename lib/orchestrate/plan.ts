@@ -61,7 +61,9 @@ export interface PlannedProcess {
   ready: Readiness;
   /**
    * Its own process group, so a terminal's Ctrl-C reaches only mpq, which stops children in order.
-   * False only for QEMU with a stdio console: it owns the terminal (raw mode, no SIGINT from Ctrl-C).
+   * False only for QEMU with a stdio console: it must stay in the terminal's foreground group to read
+   * it; Ctrl-C then reaches both QEMU (signal=on: it exits 0, as with QEMU's own -serial stdio) and
+   * mpq, which tears the rest down in order.
    */
   ownProcessGroup: boolean;
 }
@@ -260,7 +262,7 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
   q.push("-nodefaults", "-display", "none");
   q.push("-chardev", "socket,id=mon,fd=3,server=on,wait=off", "-mon", "chardev=mon,mode=control");
   q.push("-chardev", "socket,id=mon-op,fd=4,server=on,wait=off", "-mon", "chardev=mon-op,mode=control");
-  if (t.console === "stdio") q.push("-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0");
+  if (t.console === "stdio") q.push("-chardev", "stdio,id=con0,signal=on", "-serial", "chardev:con0");
   else if (typeof t.console === "object") {
     q.push("-chardev", `file,id=con0,path=${qemuOptValue(t.console.file)}`, "-serial", "chardev:con0");
   }

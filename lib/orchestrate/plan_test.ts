@@ -247,7 +247,7 @@ Deno.test("plan start modes: run has no -S, preconfig exits preconfig without co
   assert.ok(!q.argv.includes("-S") && !q.argv.includes("--preconfig"));
   assert.deepEqual(run.qmp.startup.map((c) => c.execute), ["qmp_capabilities"]);
   assert.equal(q.ownProcessGroup, false, "QEMU with a stdio console keeps the terminal");
-  assert.ok(q.argv.join(" ").includes("-chardev stdio,id=con0,signal=off -serial chardev:con0"));
+  assert.ok(q.argv.join(" ").includes("-chardev stdio,id=con0,signal=on -serial chardev:con0"));
   const pre = planTopology(validateTopology({ start: "preconfig", console: "none" }), CTX);
   assert.deepEqual(pre.qmp.startup.map((c) => c.execute), ["qmp_capabilities", "x-exit-preconfig"]);
   assert.ok(pre.processes[0].argv.includes("--preconfig") && !pre.processes[0].argv.includes("-S"));

@@ -208,3 +208,15 @@ Deno.test("topology parse reports invalid JSON with the source name", () => {
     /^TopologyError: \(json\): vm\.json is not valid JSON/,
   );
 });
+
+Deno.test("topology example in the README validates", () => {
+  const readme = Deno.readTextFileSync(new URL("../../README.md", import.meta.url));
+  const section = readme.slice(
+    readme.indexOf("<!-- section:orchestrate -->"),
+    readme.indexOf("<!-- /section:orchestrate -->"),
+  );
+  const json = section.match(/```json\n([\s\S]*?)```/);
+  assert.ok(json, "the orchestrate section has a JSON topology example");
+  const t = parseTopology(json[1], "README example");
+  assert.deepEqual(t.devices.map((d) => d.type), ["remote", "vhost-user-blk", "vhost-user-rng", "ivshmem"]);
+});
