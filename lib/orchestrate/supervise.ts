@@ -79,9 +79,9 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
     let end: End;
     if (first === null) {
       options.log(
-        `[${vm.elapsed()}s] ${
-          "running".padEnd(14)
-        } ${vm.children.length} processes; operators: mpq qmp ${plan.qmp.operatorSocket} query-status`,
+        `[${vm.elapsed()}s] ${"running".padEnd(14)} ${vm.children.length} process${
+          vm.children.length === 1 ? "" : "es"
+        }; operators: mpq qmp ${plan.qmp.operatorSocket} query-status`,
       );
       const work = options.whileRunning
         ? options.whileRunning(vm).then(

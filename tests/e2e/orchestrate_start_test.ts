@@ -3,6 +3,7 @@
  * plus `mpq qmp` against the operator monitor of a running VM.
  */
 import assert from "node:assert/strict";
+import { isListening } from "../../lib/orchestrate/launch.ts";
 import { MpqRun, qemuAvailable, tempDir, waitGone, writeTopology } from "./orchestrate_harness.ts";
 
 const ignore = !qemuAvailable();
@@ -90,7 +91,7 @@ Deno.test({
     using dir = tempDir("mpq-start-");
     const topo = writeTopology(dir.path, { name: "qmp-cli", console: "none", start: "paused" });
     await using run = MpqRun.start(["orchestrate", topo]);
-    await run.waitFor(/\] running +1 processes/);
+    await run.waitFor(/\] running +1 process;/);
     const sock = run.stdout.match(/mpq qmp (\S+qmp-operator\.sock)/)![1];
     await using bad = MpqRun.start(["qmp", sock, "no-such-command"]);
     assert.equal((await bad.status()).code, 1);
@@ -100,5 +101,57 @@ Deno.test({
     assert.equal(JSON.parse(args.stdout), "pc-i440fx-7.2-machine");
     run.child.kill("SIGTERM");
     assert.equal((await run.status()).code, 0, run.report());
+  },
+});
+
+Deno.test({
+  name: "orchestrate uses an external vhost-user back-end (qemu-storage-daemon) on a socket path",
+  ignore,
+  async fn() {
+    using dir = tempDir("mpq-start-");
+    const disk = `${dir.path}/disk.img`;
+    Deno.writeFileSync(disk, new Uint8Array(1024 * 1024));
+    const sock = `${dir.path}/qsd.sock`;
+    const qsd = new Deno.Command("qemu-storage-daemon", {
+      args: [
+        "--blockdev",
+        `driver=file,node-name=disk0,filename=${disk}`,
+        "--export",
+        `type=vhost-user-blk,id=exp0,addr.type=unix,addr.path=${sock},node-name=disk0,writable=on`,
+      ],
+      stdout: "null",
+      stderr: "piped",
+      stdin: "null",
+    }).spawn();
+    try {
+      const t = performance.now();
+      while (!isListening(sock) && performance.now() - t < 20_000) {
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      assert.ok(isListening(sock), "qemu-storage-daemon listens");
+      const topo = writeTopology(dir.path, {
+        name: "external",
+        console: "none",
+        start: "paused",
+        devices: [{ type: "vhost-user-blk", id: "vblk0", backend: { socket: sock } }],
+      });
+      await using run = MpqRun.start(["orchestrate", topo]);
+      await run.waitFor(/\] running +1 process;/);
+      const opSock = run.stdout.match(/mpq qmp (\S+qmp-operator\.sock)/)![1];
+      await using q = MpqRun.start([
+        "qmp",
+        opSock,
+        "qom-get",
+        '{"path": "/machine/peripheral/vblk0", "property": "type"}',
+      ]);
+      assert.equal((await q.status()).code, 0, q.report());
+      assert.equal(JSON.parse(q.stdout), "vhost-user-blk-pci");
+      run.child.kill("SIGTERM");
+      assert.equal((await run.status()).code, 0, run.report());
+    } finally {
+      qsd.kill("SIGTERM");
+      await qsd.status;
+      await qsd.stderr.cancel();
+    }
   },
 });
