@@ -9,6 +9,11 @@ import { parseArgs } from "node:util";
 /** One benchmark: loaded only when it runs. Adding a benchmark module is one line here. */
 export const BENCHES: ReadonlyArray<{ name: string; summary: string; run: () => Promise<void> }> = [
   {
+    name: "ivshmem",
+    summary: "ivshmem join storm of 1000 and 4000 peers x 4 vectors: mpq vs contrib ivshmem-server",
+    run: () => import("./ivshmem.ts").then((m) => m.benchIvshmem()),
+  },
+  {
     name: "vhost",
     summary: "vhost-user-blk 4K random I/O: mpq vs qemu-storage-daemon",
     run: () => import("./vhost.ts").then((m) => m.benchVhost()),
