@@ -11,6 +11,8 @@ import { decodeHeader, HEADER_SIZE, MAX_FDS, requestName } from "./message.ts";
 
 /** Options for a connection. */
 export interface ConnectionOptions {
+  /** The reactor the socket is watched on. */
+  reactor: Reactor;
   /** Called once after the connection closed and the handler released everything. */
   onClose?: (reason: string) => void;
   /** Diagnostics (default console.error). */
@@ -21,7 +23,7 @@ export interface ConnectionOptions {
 
 /**
  * @example
- * const conn = new VhostUserConnection(socket, handler, reactor, { onClose: () => acceptNext() });
+ * const conn = new VhostUserConnection(socket, handler, { reactor, onClose: () => acceptNext() });
  */
 export class VhostUserConnection {
   readonly #sock: UnixSocket;
@@ -40,17 +42,12 @@ export class VhostUserConnection {
   #closed = false;
   #wantWrite = false;
 
-  constructor(
-    sock: UnixSocket,
-    handler: VhostUserHandler,
-    reactor: Reactor,
-    options: ConnectionOptions = {},
-  ) {
+  constructor(sock: UnixSocket, handler: VhostUserHandler, options: ConnectionOptions) {
     this.#sock = sock;
     this.#handler = handler;
     this.#opts = options;
     this.#log = options.log ?? ((l) => console.error(l));
-    this.#watch = reactor.add(sock.fd, { readable: true }, (r) => {
+    this.#watch = options.reactor.add(sock.fd, { readable: true }, (r) => {
       try {
         if (r.writable) this.#flushOut();
         if (r.readable || r.hangup || r.error) this.#onReadable();

@@ -51,7 +51,10 @@ export class VhostUserDaemon {
     this.reactor = new Reactor({ onError: (e) => this.#log(`mpq vhost: ${(e as Error).message ?? e}`) });
     this.metrics = new Metrics(device.type, device.numQueues);
     if (options.metricsPath) {
-      this.#metricsServer = new MetricsServer(options.metricsPath, this.reactor, this.metrics);
+      this.#metricsServer = new MetricsServer(options.metricsPath, {
+        reactor: this.reactor,
+        metrics: this.metrics,
+      });
     }
     this.#watchListener();
     if ((options.pollUs ?? 0) > 0) this.#removePoller = this.reactor.addPoller(() => this.#poll());
@@ -99,7 +102,8 @@ export class VhostUserDaemon {
         : undefined,
     });
     this.#handler = handler;
-    this.#conn = new VhostUserConnection(sock, handler, this.reactor, {
+    this.#conn = new VhostUserConnection(sock, handler, {
+      reactor: this.reactor,
       log: this.#log,
       trace: this.#opts.trace,
       onClose: (reason) => {

@@ -563,7 +563,9 @@ export class VhostUserHandler {
       this.#inflightMap = map;
       const view = new DataView(map.bytes.buffer);
       for (let i = 0; i < this.queues.length; i++) {
-        this.queues[i].inflight = i < p.numQueues ? new InflightQueue(view, i * per, p.queueSize) : null;
+        this.queues[i].inflight = i < p.numQueues
+          ? new InflightQueue(view, { offset: i * per, queueSize: p.queueSize })
+          : null;
       }
       if (old) this.#retire(old);
     } finally {

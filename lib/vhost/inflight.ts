@@ -33,7 +33,7 @@ export function inflightAreaSize(numQueues: number, queueSize: number): number {
 /**
  * One queue's view of the inflight area.
  * @example
- * const q = new InflightQueue(new DataView(region.bytes.buffer), 0, 128);
+ * const q = new InflightQueue(new DataView(region.bytes.buffer), { offset: 0, queueSize: 128 });
  * q.begin(head); ... q.publishBatch(heads, n, usedIdx);
  */
 export class InflightQueue {
@@ -42,7 +42,9 @@ export class InflightQueue {
   readonly size: number;
   #counter = 0;
 
-  constructor(view: DataView, base: number, queueSize: number) {
+  constructor(view: DataView, layout: { offset: number; queueSize: number }) {
+    const base = layout.offset;
+    const queueSize = layout.queueSize;
     if (base + inflightQueueSize(queueSize) > view.byteLength) {
       throw new RangeError(
         `inflight area of ${view.byteLength} bytes too small for queue at ${base} with ${queueSize} descriptors`,

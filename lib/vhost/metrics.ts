@@ -122,14 +122,15 @@ export class Metrics {
 /**
  * Serves `metrics.render()` to every connection on a UNIX socket, then closes it.
  * @example
- * const server = new MetricsServer("/run/vhost.metrics", reactor, metrics);
+ * const server = new MetricsServer("/run/vhost.metrics", { reactor, metrics });
  * ...; server.close();
  */
 export class MetricsServer {
   readonly #listener: UnixListener;
   readonly #watch: Watch;
 
-  constructor(path: string, reactor: Reactor, metrics: Metrics) {
+  constructor(path: string, options: { reactor: Reactor; metrics: Metrics }) {
+    const { reactor, metrics } = options;
     this.#listener = listenUnix(path);
     this.#watch = reactor.add(this.#listener.fd, { readable: true }, () => {
       for (;;) {

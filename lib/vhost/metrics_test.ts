@@ -37,7 +37,7 @@ Deno.test("metrics server answers every connection with the current text and clo
   const path = `${dir}/m.sock`;
   const reactor = new Reactor();
   const m = new Metrics("rng", 1);
-  const server = new MetricsServer(path, reactor, m);
+  const server = new MetricsServer(path, { reactor, metrics: m });
   const running = reactor.run();
   try {
     for (const n of [0, 7]) {

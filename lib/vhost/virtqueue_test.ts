@@ -263,7 +263,7 @@ Deno.test("virtqueue with inflight tracking resubmits what was in flight after a
   const view = new DataView(area.buffer);
   try {
     t.vq.stop();
-    t.vq.inflight = new InflightQueue(view, 0, 8);
+    t.vq.inflight = new InflightQueue(view, { offset: 0, queueSize: 8 });
     t.vq.start(t.mem);
     const c = new DescriptorChain();
     for (const h of [1, 2, 3]) {
@@ -278,7 +278,7 @@ Deno.test("virtqueue with inflight tracking resubmits what was in flight after a
     vq2.size = 8;
     const a = t.ring.userAddrs;
     vq2.setAddresses(a.desc, a.avail, a.used);
-    vq2.inflight = new InflightQueue(view, 0, 8);
+    vq2.inflight = new InflightQueue(view, { offset: 0, queueSize: 8 });
     vq2.start(t.mem);
     assert.equal(vq2.resubmitPending, 2);
     assert.equal(vq2.lastAvail, 3, "last_avail = used idx 1 + 2 in flight");
