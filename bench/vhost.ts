@@ -10,10 +10,11 @@
  * once (EVENT_IDX decides). Latency runs from just before publish to when the driver sees the used
  * entry.
  *
- * Run alone: `deno run -A bench/vhost.ts [--seconds S] [--warmup S] [--size-mib N]`.
+ * Run alone: `deno run -A bench/vhost.ts [--seconds S] [--warmup S] [--size-mib N] [--wait poll|call]`.
  * @module
  */
 import { parseArgs } from "node:util";
+import { EventFd } from "../ffi/mod.ts";
 import { Blk, Feature, type FrontendQueue, VhostUserFrontend } from "../tests/helpers/vhost_frontend.ts";
 import { DescFlags } from "../tests/helpers/virtio_ring.ts";
 import { type Backend, haveTool, startMpqVhost, startQsd } from "../tests/helpers/vhost_backends.ts";
@@ -49,6 +50,13 @@ export interface LoadOptions {
   bs?: number;
   /** PRNG seed for offsets. */
   seed?: number;
+  /**
+   * How the driver waits for completions: "call" (default) sleeps on the call eventfd through the
+   * reactor, as a guest with interrupts does; "poll" spins on used->idx with calls suppressed
+   * (lower latency when the driver has a core of its own; it takes that core from the back-end
+   * on a small machine).
+   */
+  wait?: "poll" | "call";
 }
 
 const CLK_TCK = 100;
@@ -169,13 +177,23 @@ export async function runLoad(fe: VhostUserFrontend, options: LoadOptions): Prom
     free.push(s);
   };
   // Refill after every drain of the used ring (the call handler runs poll(), then this poller).
+  const poll = options.wait === "poll";
+  if (poll) ring.suppressCalls();
+  const complete = q.onComplete;
+  // Call mode: the call handler drains the used ring, then this poller refills. Poll mode: this
+  // poller also drains the used ring and keeps the reactor spinning while requests are in flight.
   const removePoller = fe.reactor.addPoller(() => {
+    if (poll && ring.collect(complete!) > 0) ring.suppressCalls();
     if (free.length) submitFree();
     if (stopping && inFlight === 0) finish();
-    return false;
+    return poll && inFlight > 0;
   });
+  // The reactor may be asleep in epoll_wait with calls suppressed: wake it once so the poller runs.
+  const wake = new EventFd({ label: "bench wake" });
+  const wakeWatch = fe.reactor.add(wake.fd, { readable: true }, () => wake.drain());
   free.push(...slots);
   submitFree();
+  wake.signal();
   await new Promise((r) => setTimeout(r, options.warmup * 1000));
   const cpu0 = options.backendPid ? processCpuSeconds(options.backendPid) : NaN;
   kick0.kicks = q.kicks;
@@ -199,7 +217,10 @@ export async function runLoad(fe: VhostUserFrontend, options: LoadOptions): Prom
     ) => (timer = setTimeout(() => rej(new Error(`${inFlight} requests never completed`)), 10_000))),
   ]).finally(() => clearTimeout(timer));
   removePoller();
+  wakeWatch.remove();
+  wake.close();
   q.onComplete = null;
+  if (poll) ring.armCall();
   for (const s of slots) ring.releaseChain(s.head);
   const sorted = lat.slice(0, nlat).sort();
   const seconds = (t1 - t0) / 1000;
@@ -268,8 +289,9 @@ function fmt(n: number, width: number, digits = 0): string {
 
 /** Runs the vhost-user-blk benchmark and prints the table. */
 export async function benchVhost(
-  options: { seconds?: number; warmup?: number; sizeMiB?: number } = {},
+  options: { seconds?: number; warmup?: number; sizeMiB?: number; wait?: "poll" | "call" } = {},
 ): Promise<void> {
+  const wait = options.wait ?? "call";
   const seconds = options.seconds ?? 3;
   const warmup = options.warmup ?? 0.5;
   const size = (options.sizeMiB ?? 1024) * 1024 * 1024;
@@ -291,7 +313,8 @@ export async function benchVhost(
     }
     console.log(
       `vhost-user-blk: 4 KiB random I/O on a ${size >> 20} MiB file in /dev/shm, ${seconds} s per point ` +
-        `(+${warmup} s warm-up), one TypeScript front-end with EVENT_IDX driving each back-end`,
+        `(+${warmup} s warm-up), one TypeScript front-end with EVENT_IDX driving each back-end, ` +
+        `completions by ${wait === "poll" ? "polling the used ring" : "call eventfd"}`,
     );
     // Both back-ends run side by side; the points alternate between them (mpq first, then qsd
     // first) so drifting load on a shared machine does not favour one of them.
@@ -382,11 +405,17 @@ if (import.meta.main) {
       seconds: { type: "string", default: "3" },
       warmup: { type: "string", default: "0.5" },
       "size-mib": { type: "string", default: "1024" },
+      wait: { type: "string", default: "call" },
     },
   });
+  if (values.wait !== "poll" && values.wait !== "call") {
+    console.error(`--wait must be poll or call: got ${values.wait}`);
+    Deno.exit(2);
+  }
   await benchVhost({
     seconds: Number(values.seconds),
     warmup: Number(values.warmup),
     sizeMiB: Number(values["size-mib"]),
+    wait: values.wait,
   });
 }
