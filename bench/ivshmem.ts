@@ -4,25 +4,26 @@
  * 3 + 4·P messages), and report peers/s, the server's RSS (VmHWM/VmRSS from /proc/PID/status) and
  * lost messages (expected − received once nothing has arrived for a while).
  *
- * The server runs alone in its own process; the storm peers run in a second process (this file
- * with `storm` arguments) speaking the raw protocol through the ffi, and close every received fd
+ * The server runs alone in its own process; the storm peers run in worker processes (this file
+ * with `storm` arguments, 2 by default) speaking the raw protocol through the ffi, and close every received fd
  * right after counting it (4000 peers × 16000 fds each would be 64M fds otherwise). The server
  * needs 1 + 4 fds per peer: with a hard RLIMIT_NOFILE of 20000, the last few of 4000 peers are refused
  * (reported as "refused"; the others must still complete). QEMU's contrib ivshmem-server runs side by
  * side when `ivshmem-server` is on PATH.
  *
- * Run alone: `deno run -A bench/ivshmem.ts [--peers 1000,4000] [--vectors 4]`.
+ * Run alone: `deno run -A bench/ivshmem.ts [--peers 1000,4000] [--vectors 4] [--workers 2]`.
  * @module
  */
 import { parseArgs } from "node:util";
 import { connectUnix, raiseNoFileLimit, Reactor, type UnixSocket } from "../ffi/mod.ts";
 import { selfCommand } from "../lib/cli/self.ts";
 
-/** What one storm measured. */
+/** What one storm measured (merged over its worker processes). */
 export interface StormResult {
   peers: number;
   vectors: number;
-  /** Seconds from the first connect until every peer had every message (NaN if never). */
+  workers: number;
+  /** Seconds from the first connect until the last peer had its last message (NaN if never). */
   seconds: number;
   /** Seconds the connects took. */
   connectSeconds: number;
@@ -34,30 +35,61 @@ export interface StormResult {
   disconnected: number;
 }
 
-/** How long without a new message before the storm gives up on the rest. */
+/** What one storm worker process reports. */
+interface WorkerReport {
+  /** Epoch ms of its first connect, of its last connect, and of its last message. */
+  t0: number;
+  tConnected: number;
+  tLast: number;
+  received: number;
+  refused: number;
+  disconnected: number;
+  /** Fewest and most messages any of its served peers received. */
+  min: number;
+  max: number;
+}
+
+/** How long without a new message before a worker gives up waiting for more. */
 const QUIET_MS = 15_000;
 
-/** The storm peers (runs in the worker process). */
-export async function storm(path: string, peers: number, vectors: number): Promise<StormResult> {
+const epochMs = () => performance.timeOrigin + performance.now();
+
+/**
+ * One storm worker (runs in its own process): connects `mine` of the `total` peers, counts every
+ * message and closes every fd at once. It ends when each of its served peers has the
+ * 3 + vectors × served messages it should (served as far as it can tell), or after QUIET_MS
+ * without any message.
+ */
+export async function stormWorker(
+  path: string,
+  mine: number,
+  total: number,
+  vectors: number,
+): Promise<{ report: WorkerReport; close: () => void }> {
   raiseNoFileLimit();
   const reactor = new Reactor({ maxEvents: 1024 });
-  // Every served peer ends up with 3 + vectors × (served peers) messages; refused peers get none.
-  let target = 3 + vectors * peers;
-  const bytes = new Float64Array(peers);
+  const bytes = new Float64Array(mine);
   const buf = new Uint8Array(8);
   let received = 0;
   let complete = 0;
   let disconnected = 0;
   let refused = 0;
-  let last = Date.now();
-  let done = NaN;
+  let tLast = 0;
+  let target = 3 + vectors * total;
   const socks: UnixSocket[] = [];
+  const recount = () => {
+    complete = 0;
+    for (let j = 0; j < socks.length; j++) {
+      if (bytes[j] >= 0 && Math.floor(bytes[j] / 8) >= target) complete++;
+    }
+    if (complete === mine - refused) reactor.stop();
+  };
   const running = reactor.run();
-  const t0 = performance.now();
+  const t0 = epochMs();
   const watchdog = setInterval(() => {
-    if (Date.now() - last > QUIET_MS) reactor.stop();
+    if (epochMs() - Math.max(tLast, t0) > QUIET_MS) reactor.stop();
   }, 500);
-  for (let i = 0; i < peers; i++) {
+  for (let i = 0; i < mine; i++) {
     const s = connectUnix(path, { maxFds: 1 });
     socks.push(s);
     const watch = reactor.add(s.fd, { readable: true }, () => {
@@ -72,13 +104,8 @@ export async function storm(path: string, peers: number, vectors: number): Promi
           }
           refused++;
           bytes[i] = -1;
-          target = 3 + vectors * (peers - refused);
-          complete = 0;
-          for (let j = 0; j < peers; j++) if (Math.floor(bytes[j] / 8) >= target) complete++;
-          if (complete === peers - refused) {
-            done = performance.now();
-            reactor.stop();
-          }
+          target = 3 + vectors * (total - refused);
+          recount();
           return;
         }
         for (const f of r.fds) f.close();
@@ -86,31 +113,100 @@ export async function storm(path: string, peers: number, vectors: number): Promi
         bytes[i] += r.bytes;
         const now = Math.floor(bytes[i] / 8);
         received += now - before;
-        last = Date.now();
-        if (now >= target && before < target) {
-          if (++complete === peers - refused) {
-            done = performance.now();
-            reactor.stop();
-          }
-        }
+        tLast = epochMs();
+        if (now >= target && before < target && ++complete === mine - refused) reactor.stop();
       }
     });
     if (i % 16 === 15) await new Promise((r) => setTimeout(r, 0));
   }
-  const connectSeconds = (performance.now() - t0) / 1000;
+  const tConnected = epochMs();
   await running;
   clearInterval(watchdog);
-  for (const s of socks) s.close();
-  reactor.close();
+  let min = Infinity;
+  let max = 0;
+  for (const b of bytes) {
+    if (b < 0) continue;
+    min = Math.min(min, Math.floor(b / 8));
+    max = Math.max(max, Math.floor(b / 8));
+  }
+  const report: WorkerReport = { t0, tConnected, tLast, received, refused, disconnected, min, max };
+  return {
+    report,
+    close: () => {
+      for (const s of socks) s.close();
+      reactor.close();
+    },
+  };
+}
+
+/** Runs a storm of `peers` split over `workers` processes against the server at `path`. */
+export async function storm(
+  path: string,
+  peers: number,
+  vectors: number,
+  workers: number,
+  onReported?: () => void,
+): Promise<StormResult> {
+  const shares = Array.from(
+    { length: workers },
+    (_, w) => Math.floor(peers / workers) + (w < peers % workers ? 1 : 0),
+  );
+  // Each worker reports once its peers are complete, but keeps them connected until every worker
+  // has reported: a peer leaving early would send the others messages they would count.
+  const children = shares.map((mine) =>
+    new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        "--quiet",
+        new URL(import.meta.url).pathname,
+        "storm",
+        path,
+        String(mine),
+        String(peers),
+        String(vectors),
+      ],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "inherit",
+    }).spawn()
+  );
+  let reports: WorkerReport[];
+  try {
+    reports = await Promise.all(children.map(async (child) => {
+      const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+      let text = "";
+      while (!text.includes("\n")) {
+        const r = await reader.read();
+        if (r.done) throw new Error(`storm worker exited early: ${text}`);
+        text += r.value;
+      }
+      await reader.cancel();
+      return JSON.parse(text.split("\n")[0]) as WorkerReport;
+    }));
+    onReported?.();
+  } finally {
+    for (const child of children) {
+      await child.stdin.close().catch(() => {});
+      await child.status;
+    }
+  }
+  const refused = reports.reduce((n, r) => n + r.refused, 0);
+  const served = peers - refused;
+  const target = 3 + vectors * served;
+  const received = reports.reduce((n, r) => n + r.received, 0);
+  const complete = reports.every((r) => r.min >= target || r.refused === shares[reports.indexOf(r)]);
+  const t0 = Math.min(...reports.map((r) => r.t0));
   return {
     peers,
     vectors,
-    seconds: (done - t0) / 1000,
-    connectSeconds,
-    expected: (peers - refused) * target,
+    workers,
+    seconds: complete ? (Math.max(...reports.map((r) => r.tLast)) - t0) / 1000 : NaN,
+    connectSeconds: (Math.max(...reports.map((r) => r.tConnected)) - t0) / 1000,
+    expected: served * target,
     received,
     refused,
-    disconnected,
+    disconnected: reports.reduce((n, r) => n + r.disconnected, 0),
   };
 }
 
@@ -123,10 +219,15 @@ function haveOnPath(name: string): boolean {
   return false;
 }
 
-function memory(pid: number): { hwm: number; rss: number } {
+/** Peak and current RSS (MiB) and CPU seconds (user + system) of a process. */
+function usage(pid: number): { hwm: number; rss: number; cpu: number } {
   const status = Deno.readTextFileSync(`/proc/${pid}/status`);
   const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, "m").exec(status)?.[1] ?? NaN);
-  return { hwm: kb("VmHWM") / 1024, rss: kb("VmRSS") / 1024 };
+  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  // utime and stime are fields 14 and 15 of stat, in clock ticks (100 per second on Linux).
+  const cpu = (Number(fields[11]) + Number(fields[12])) / 100;
+  return { hwm: kb("VmHWM") / 1024, rss: kb("VmRSS") / 1024, cpu };
 }
 
 interface Row {
@@ -134,6 +235,8 @@ interface Row {
   result: StormResult;
   hwm: number;
   rss: number;
+  /** Server CPU seconds for the whole run. */
+  cpu: number;
 }
 
 async function waitForSocket(path: string, child: Deno.ChildProcess): Promise<void> {
@@ -151,7 +254,7 @@ async function waitForSocket(path: string, child: Deno.ChildProcess): Promise<vo
   await new Promise((r) => setTimeout(r, 200)); // bind comes just before listen
 }
 
-async function runOne(server: string, peers: number, vectors: number): Promise<Row> {
+async function runOne(server: string, peers: number, vectors: number, workers: number): Promise<Row> {
   const dir = Deno.makeTempDirSync({ prefix: "mpq-bench-ivshmem-" });
   const sock = `${dir}/sock`;
   const shm = `mpq-bench-${crypto.randomUUID().slice(0, 8)}`;
@@ -166,24 +269,9 @@ async function runOne(server: string, peers: number, vectors: number): Promise<R
   }).spawn();
   try {
     await waitForSocket(sock, child);
-    const worker = await new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "-A",
-        "--quiet",
-        new URL(import.meta.url).pathname,
-        "storm",
-        sock,
-        String(peers),
-        String(vectors),
-      ],
-      stdout: "piped",
-      stderr: "inherit",
-    }).output();
-    const text = new TextDecoder().decode(worker.stdout).trim();
-    if (worker.code !== 0 || !text) throw new Error(`storm worker failed (exit ${worker.code}): ${text}`);
-    const result = JSON.parse(text.split("\n").at(-1)!) as StormResult;
-    const mem = memory(child.pid);
+    let mem = { hwm: NaN, rss: NaN, cpu: NaN };
+    // Measured once every peer is complete, before the peers leave.
+    const result = await storm(sock, peers, vectors, workers, () => mem = usage(child.pid));
     return { server, result, ...mem };
   } finally {
     try {
@@ -202,6 +290,7 @@ function print(rows: Row[]): void {
     "server",
     "peers",
     "vectors",
+    "workers",
     "seconds",
     "peers/s",
     "messages/s",
@@ -210,13 +299,16 @@ function print(rows: Row[]): void {
     "dropped",
     "VmHWM MiB",
     "VmRSS MiB",
+    "server CPU s",
+    "µs/message",
   ]];
-  for (const { server, result: r, hwm, rss } of rows) {
+  for (const { server, result: r, hwm, rss, cpu } of rows) {
     const never = Number.isNaN(r.seconds);
     table.push([
       server,
       String(r.peers),
       String(r.vectors),
+      String(r.workers),
       never ? "never" : r.seconds.toFixed(2),
       never ? "-" : (r.peers / r.seconds).toFixed(0),
       never ? "-" : (r.received / r.seconds).toFixed(0),
@@ -225,6 +317,8 @@ function print(rows: Row[]): void {
       String(r.disconnected),
       hwm.toFixed(1),
       rss.toFixed(1),
+      cpu.toFixed(1),
+      (cpu / r.received * 1e6).toFixed(2),
     ]);
   }
   const widths = table[0].map((_, i) => Math.max(...table.map((row) => row[i].length)));
@@ -234,9 +328,12 @@ function print(rows: Row[]): void {
 }
 
 /** The join-storm benchmark: mpq, and contrib ivshmem-server when it is on PATH. */
-export async function benchIvshmem(options: { peers?: number[]; vectors?: number } = {}): Promise<void> {
+export async function benchIvshmem(
+  options: { peers?: number[]; vectors?: number; workers?: number } = {},
+): Promise<void> {
   const peerCounts = options.peers ?? [1000, 4000];
   const vectors = options.vectors ?? 4;
+  const workers = options.workers ?? 2;
   const servers = ["mpq"];
   if (haveOnPath("ivshmem-server")) servers.push("ivshmem-server");
   else console.log("ivshmem-server: not on PATH, skipped");
@@ -246,7 +343,7 @@ export async function benchIvshmem(options: { peers?: number[]; vectors?: number
   for (const peers of peerCounts) {
     for (const server of servers) {
       try {
-        rows.push(await runOne(server, peers, vectors));
+        rows.push(await runOne(server, peers, vectors, workers));
       } catch (e) {
         console.log(`${server} ${peers} peers: failed: ${e instanceof Error ? e.message : e}`);
       }
@@ -258,22 +355,28 @@ export async function benchIvshmem(options: { peers?: number[]; vectors?: number
       ` lost: expected − received, counted ${
         QUIET_MS / 1000
       } s after the last message when never complete;\n` +
-      ` refused: closed before any message, e.g. the server hit RLIMIT_NOFILE; dropped: closed after joining)`,
+      ` refused: closed before any message, e.g. the server hit RLIMIT_NOFILE; dropped: closed after joining;\n` +
+      ` server CPU: user + system of the server process over the run; µs/message: that per message received)`,
   );
 }
 
 if (import.meta.main) {
   if (Deno.args[0] === "storm") {
-    const [, path, peers, vectors] = Deno.args;
-    console.log(JSON.stringify(await storm(path, Number(peers), Number(vectors))));
+    const [, path, mine, total, vectors] = Deno.args;
+    const { report, close } = await stormWorker(path, Number(mine), Number(total), Number(vectors));
+    console.log(JSON.stringify(report));
+    // Stay connected until the parent closes stdin (every worker has reported by then).
+    for await (const _ of Deno.stdin.readable) { /* nothing is sent */ }
+    close();
   } else {
     const { values } = parseArgs({
       args: Deno.args,
-      options: { peers: { type: "string" }, vectors: { type: "string" } },
+      options: { peers: { type: "string" }, vectors: { type: "string" }, workers: { type: "string" } },
     });
     await benchIvshmem({
       peers: values.peers?.split(",").map(Number),
       vectors: values.vectors ? Number(values.vectors) : undefined,
+      workers: values.workers ? Number(values.workers) : undefined,
     });
   }
 }

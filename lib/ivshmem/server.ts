@@ -15,6 +15,8 @@ import {
   ftruncate,
   listenUnix,
   mkstempIn,
+  OpenFlags,
+  openPath,
   type OwnedFd,
   type Reactor,
   type Readiness,
@@ -77,6 +79,14 @@ export interface ServerStats {
   queued: number;
   /** Largest queue seen. */
   maxQueue: number;
+}
+
+function openReserve(): OwnedFd | null {
+  try {
+    return openPath("/dev/null", OpenFlags.O_RDONLY);
+  } catch {
+    return null;
+  }
 }
 
 /** The largest size contrib ivshmem-server tries when a hugetlbfs refuses smaller ones. */
@@ -237,6 +247,8 @@ export class IvshmemServer {
   readonly #scratch = new Uint8Array(MESSAGE_SIZE);
   #dropping = false;
   #pauseTimer: ReturnType<typeof setTimeout> | undefined;
+  /** One fd held back for refusing peers cleanly when the process is out of fds. */
+  #reserve: OwnedFd | null = openReserve();
   #closed = false;
   readonly #stats: ServerStats = {
     peers: 0,
@@ -323,6 +335,10 @@ export class IvshmemServer {
       try {
         sock = this.#listener.accept();
       } catch (e) {
+        // accept4 reports EMFILE before it looks for a connection: refuseOne says if one waited.
+        const refused = isErrno(e, "EMFILE", "ENFILE") ? this.#refuseOne() : "no reserve";
+        if (refused === "refused") continue;
+        if (refused === "none waiting") return;
         this.#log(`cannot accept: ${e instanceof Error ? e.message : e}`);
         if (isErrno(e, "EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")) this.#pauseAccepting();
         return;
@@ -335,6 +351,30 @@ export class IvshmemServer {
         this.#log(`cannot set up new peer: ${e instanceof Error ? e.message : e}; connection closed`);
       }
     }
+  }
+
+  /**
+   * Out of fds: give up the reserve fd, accept the waiting peer and close it at once, so it sees
+   * end of file instead of waiting in the backlog; then take the reserve again.
+   */
+  #refuseOne(): "refused" | "none waiting" | "no reserve" {
+    if (this.#reserve === null) return "no reserve";
+    this.#reserve.close();
+    this.#reserve = null;
+    let result: "refused" | "none waiting" | "no reserve" = "no reserve";
+    try {
+      const sock = this.#listener.accept();
+      if (sock) {
+        sock.close();
+        this.#stats.setupFailures++;
+        this.#log("out of fds: refused a new peer (connection closed)");
+        result = "refused";
+      } else {
+        result = "none waiting";
+      }
+    } catch { /* still out of fds: the caller pauses */ }
+    this.#reserve = openReserve();
+    return result;
   }
 
   /** Out of fds: stop accepting for a moment instead of spinning on a readable listener. */
@@ -536,6 +576,8 @@ export class IvshmemServer {
     if (this.#closed) return;
     this.#closed = true;
     if (this.#pauseTimer !== undefined) clearTimeout(this.#pauseTimer);
+    this.#reserve?.close();
+    this.#reserve = null;
     this.#listenWatch.remove();
     const peers = [...this.#peers.values()];
     const tell = peers.length <= 1024;
