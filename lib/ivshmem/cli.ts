@@ -30,6 +30,8 @@ export const DEFAULTS = {
 
 /** Set in the re-spawned daemon: the fd number of the socket that reports readiness. */
 const READY_ENV = "MPQ_IVSHMEM_READY_FD";
+/** How long the daemon parent waits for the child to listen. */
+const DAEMON_READY_MS = 30_000;
 
 /** Server usage (contrib ivshmem-server's, plus long options and --mode). */
 export const SERVER_USAGE = `Usage: mpq ivshmem [OPTION]...
@@ -297,14 +299,25 @@ async function daemonize(args: string[]): Promise<number> {
     }
     reactor.stop();
   });
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    reactor.stop();
+  }, DAEMON_READY_MS);
   try {
     await reactor.run();
   } finally {
+    clearTimeout(timer);
     reactor.close();
     mine.close();
   }
   const line = text.split("\n")[0];
   if (line === "ok") return 0;
+  if (timedOut) {
+    child.kill(9);
+    await child.wait();
+    throw new InputError(`the daemon did not report readiness within ${DAEMON_READY_MS / 1000} s; killed it`);
+  }
   if (line.startsWith("error ")) {
     await child.wait();
     throw new InputError(line.slice(6));

@@ -352,6 +352,10 @@ async function interactive(
       pending += r.value;
       const lines = pending.split(/[\r\n;]/);
       pending = lines.pop() ?? "";
+      if (pending.length > 4096) {
+        console.log("invalid command (longer than 4096 characters), type help");
+        pending = "";
+      }
       for (const raw of lines) {
         const line = raw.trim().replace(/\s+/g, " ");
         if (line === "") continue;
