@@ -376,6 +376,7 @@ export class VhostUserFrontend {
   readonly unsolicited: Message[] = [];
   #started = false;
   #closing = false;
+  #regionsSent = false;
   /** An error a reactor callback threw (the front-end stops serving completions after it). */
   reactorError: Error | null = null;
 
@@ -455,6 +456,7 @@ export class VhostUserFrontend {
       }
     }
     this.#closedReason = null;
+    this.#regionsSent = false;
     this.#rx = new Uint8Array(0);
     this.#sockWatch = this.reactor.add(this.#sock.fd, { readable: true }, (r) => this.#onReadable(r.hangup));
   }
@@ -864,6 +866,9 @@ export class VhostUserFrontend {
       return b;
     };
     if (info.ackedProtocol & Proto.CONFIGURE_MEM_SLOTS) {
+      // Like QEMU's shadow table: within one connection, only regions the back-end lacks are added.
+      if (this.#regionsSent) return;
+      this.#regionsSent = true;
       for (const r of regions) {
         const p = new Uint8Array(40);
         p.set(region(r), 8);
