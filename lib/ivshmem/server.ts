@@ -286,13 +286,13 @@ export class IvshmemServer {
     if (!Number.isInteger(options.vectors) || options.vectors < 1 || options.vectors > MAX_VECTORS) {
       throw new RangeError(`vectors must be 1..${MAX_VECTORS}: got ${options.vectors}`);
     }
-    const shm = openSharedMemory(options.shm, options.size);
-    let listener: UnixListener;
+    // The socket first: a live server on the path is refused before we touch its shm object.
+    const listener = listenUnix(options.socketPath, { mode: options.mode ?? 0o600, backlog: 128, maxFds: 1 });
+    let shm: { fd: OwnedFd; size: number };
     try {
-      listener = listenUnix(options.socketPath, { mode: options.mode ?? 0o600, backlog: 128, maxFds: 1 });
+      shm = openSharedMemory(options.shm, options.size);
     } catch (e) {
-      shm.fd.close();
-      if ("name" in options.shm) shmUnlink(options.shm.name);
+      listener.close();
       throw e;
     }
     try {
