@@ -285,46 +285,47 @@ async function runOne(server: string, peers: number, vectors: number, workers: n
   }
 }
 
-function print(rows: Row[]): void {
-  const table = [[
-    "server",
-    "peers",
-    "vectors",
-    "workers",
-    "seconds",
-    "peers/s",
-    "messages/s",
-    "lost",
-    "refused",
-    "dropped",
-    "VmHWM MiB",
-    "VmRSS MiB",
-    "server CPU s",
-    "µs/message",
-  ]];
-  for (const { server, result: r, hwm, rss, cpu } of rows) {
-    const never = Number.isNaN(r.seconds);
-    table.push([
-      server,
-      String(r.peers),
-      String(r.vectors),
-      String(r.workers),
-      never ? "never" : r.seconds.toFixed(2),
-      never ? "-" : (r.peers / r.seconds).toFixed(0),
-      never ? "-" : (r.received / r.seconds).toFixed(0),
-      `${r.expected - r.received} of ${r.expected}`,
-      String(r.refused),
-      String(r.disconnected),
-      hwm.toFixed(1),
-      rss.toFixed(1),
-      cpu.toFixed(1),
-      (cpu / r.received * 1e6).toFixed(2),
-    ]);
-  }
-  const widths = table[0].map((_, i) => Math.max(...table.map((row) => row[i].length)));
-  for (const row of table) {
-    console.log(row.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  "));
-  }
+const HEADER = [
+  "server",
+  "peers",
+  "vectors",
+  "workers",
+  "seconds",
+  "peers/s",
+  "messages/s",
+  "lost",
+  "refused",
+  "dropped",
+  "VmHWM MiB",
+  "VmRSS MiB",
+  "server CPU s",
+  "µs/message",
+];
+const WIDTHS = [14, 5, 7, 7, 8, 7, 10, 20, 7, 7, 9, 9, 12, 10];
+
+function line(cells: string[]): string {
+  return cells.map((c, i) => (i === 0 ? c.padEnd(WIDTHS[i]) : c.padStart(WIDTHS[i]))).join("  ");
+}
+
+/** One table row, printed as soon as it is measured. */
+function row({ server, result: r, hwm, rss, cpu }: Row): string {
+  const never = Number.isNaN(r.seconds);
+  return line([
+    server,
+    String(r.peers),
+    String(r.vectors),
+    String(r.workers),
+    never ? "never" : r.seconds.toFixed(2),
+    never ? "-" : (r.peers / r.seconds).toFixed(0),
+    never ? "-" : (r.received / r.seconds).toFixed(0),
+    `${r.expected - r.received} of ${r.expected}`,
+    String(r.refused),
+    String(r.disconnected),
+    hwm.toFixed(1),
+    rss.toFixed(1),
+    cpu.toFixed(1),
+    (cpu / r.received * 1e6).toFixed(2),
+  ]);
 }
 
 /** The join-storm benchmark: mpq, and contrib ivshmem-server when it is on PATH. */
@@ -339,17 +340,16 @@ export async function benchIvshmem(
   else console.log("ivshmem-server: not on PATH, skipped");
   const hard = /^Max open files\s+\S+\s+(\S+)/m.exec(Deno.readTextFileSync("/proc/self/limits"))?.[1];
   console.log(`RLIMIT_NOFILE hard limit: ${hard} (each server needs 1 + ${vectors} fds per peer)`);
-  const rows: Row[] = [];
+  console.log(line(HEADER));
   for (const peers of peerCounts) {
     for (const server of servers) {
       try {
-        rows.push(await runOne(server, peers, vectors, workers));
+        console.log(row(await runOne(server, peers, vectors, workers)));
       } catch (e) {
         console.log(`${server} ${peers} peers: failed: ${e instanceof Error ? e.message : e}`);
       }
     }
   }
-  print(rows);
   console.log(
     `(seconds: first connect until every served peer has all 3 + ${vectors}·S messages, S = served peers;\n` +
       ` lost: expected − received, counted ${
