@@ -466,8 +466,9 @@ export class VhostUserHandler {
       q.fail();
       throw e;
     }
-    this.#kickWatches[q.index] = this.ctx.reactor.add(kick.fd, { readable: true }, () => {
-      kick.drain();
+    // Edge-triggered: every kick (eventfd write) is an edge, so the counter need not be read back
+    // (it cannot reach its 2^64-2 limit): one system call less per kick.
+    this.#kickWatches[q.index] = this.ctx.reactor.add(kick.fd, { readable: true, edge: true }, () => {
       this.#onKick?.(q);
       this.process(q);
     });
