@@ -20,11 +20,29 @@ export interface RunOptions {
   whileRunning?: (vm: Vm) => Promise<number | void>;
   /** Bound for each teardown stage, ms (default 5000). */
   stopTimeoutMs?: number;
+  /** After a child's unexpected exit, how long to let the others settle before naming the cause (default 1000). */
+  settleMs?: number;
+}
+
+/** A child that exited while the VM was up. */
+interface ChildExit {
+  child: RunningChild;
+  status: ExitStatus;
+}
+
+/**
+ * The exit that caused the others: a back-end or remote process that failed (non-zero or killed)
+ * before anything else, else QEMU, else the first one seen. A remote's exit 0 is its auto-shutdown
+ * after QEMU closed the connection, never a cause.
+ */
+function rootCause(exits: readonly ChildExit[]): ChildExit {
+  const failed = exits.find((e) => e.child.planned.role !== "qemu" && e.status.code !== 0);
+  return failed ?? exits.find((e) => e.child.planned.role === "qemu") ?? exits[0];
 }
 
 type End =
   | { kind: "signal"; signal: string }
-  | { kind: "exit"; child: RunningChild; status: ExitStatus }
+  | { kind: "exit"; child: RunningChild; status: ExitStatus; others: ChildExit[] }
   | { kind: "failed"; error: unknown }
   | { kind: "done"; code: number };
 
@@ -38,25 +56,28 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
   const reactor = new Reactor();
   const running = reactor.run();
   let finish!: (e: End) => void;
+  const exits: ChildExit[] = [];
+  let settling = false;
   const ended = new Promise<End>((r) => (finish = r));
   const vm = new Vm(plan, reactor, {
     log: options.log,
     stopTimeoutMs: options.stopTimeoutMs,
     onUnexpectedExit: (child, status) => {
-      // A remote process exits 0 by itself once its proxy's connection closes, i.e. when QEMU ends:
-      // QEMU's own exit may be reported a moment later, so give it a bound before blaming the remote.
-      const qemu = vm.children.find((c) => c.planned.role === "qemu");
-      if (qemu && qemu !== child && child.planned.role === "remote" && status.code === 0) {
-        let timer: ReturnType<typeof setTimeout> | undefined;
-        const bound = new Promise<void>((r) => (timer = setTimeout(r, 2000)));
-        void Promise.race([qemu.exited, bound]).then(() => {
-          clearTimeout(timer);
-          const qs = qemu.check();
-          finish(qs ? { kind: "exit", child: qemu, status: qs } : { kind: "exit", child, status });
-        });
-        return;
-      }
-      finish({ kind: "exit", child, status });
+      exits.push({ child, status });
+      if (settling) return;
+      settling = true;
+      // One failure usually takes others down within moments (QEMU gives up when a back-end's socket
+      // closes, a remote process exits with its proxy), and the order in which the kernel reports
+      // them is not the causal one. Let the VM settle (bounded), then name the root cause.
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const bound = new Promise<void>((r) => (timer = setTimeout(r, options.settleMs ?? 1000)));
+      const rest = vm.children.filter((c) => c !== child).map((c) => c.exited);
+      void Promise.race([Promise.all(rest), bound]).then(() => {
+        clearTimeout(timer);
+        for (const c of vm.children) c.check();
+        const culprit = rootCause(exits);
+        finish({ kind: "exit", ...culprit, others: exits.filter((e) => e !== culprit) });
+      });
     },
   });
   reactor.onSignal("SIGINT", () => finish({ kind: "signal", signal: "SIGINT" }));
@@ -90,6 +111,8 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
         )
         : new Promise<End>(() => {});
       end = await Promise.race([ended, work]);
+    } else if (first.kind === "failed" && settling) {
+      end = await ended; // the start failed because a child exited: name the root cause
     } else {
       end = first;
     }
@@ -111,8 +134,13 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
           options.log(`[${vm.elapsed()}s] ${"qemu".padEnd(14)} exited (exit 0): the guest shut down`);
           code = 0;
         } else {
+          const then = end.others.map((o) =>
+            `; then ${o.child.planned.name} (pid ${o.child.process.pid}): ${o.status.text}`
+          );
           options.error(
-            `${c.planned.name} (pid ${c.process.pid}) exited unexpectedly: ${end.status.text}; tearing the VM down`,
+            `${c.planned.name} (pid ${c.process.pid}) exited unexpectedly: ${end.status.text}${
+              then.join("")
+            }; tearing the VM down`,
           );
           code = 1;
         }

@@ -237,3 +237,27 @@ Deno.test({
     assert.deepEqual(await waitGone(pids), [], "VM processes survived SIGKILL of mpq");
   },
 });
+
+Deno.test({
+  name: "orchestrate an mpq vhost child that cannot start (missing image) is named and nothing is left",
+  ignore,
+  async fn() {
+    using dir = tempDir("mpq-faults-");
+    const topo = writeTopology(
+      dir.path,
+      firmwareVm(dir.path, {
+        devices: [{
+          type: "vhost-user-blk",
+          id: "vblk0",
+          backend: { mpq: { file: `${dir.path}/missing.img` } },
+        }],
+      }),
+    );
+    await using run = MpqRun.start(["orchestrate", topo]);
+    const st = await run.status();
+    assert.equal(st.code, 1, run.report());
+    assert.match(run.stderr, /vhost vblk0 \(pid \d+\) exited unexpectedly: exit 1/);
+    assert.match(run.stderr, /missing\.img/, "the daemon's own message names the file");
+    assert.deepEqual(await waitGone(run.pids.values()), []);
+  },
+});
