@@ -2,7 +2,14 @@ import assert from "node:assert/strict";
 import { ErrnoError } from "./errno.ts";
 import { listOpenFds, OwnedFd } from "./fd.ts";
 import { fstat, ftruncate, mapShared, memfdCreate } from "./memory.ts";
-import { connectUnix, listenUnix, MAX_FDS_PER_MESSAGE, socketPair, UnixSocket } from "./socket.ts";
+import {
+  adoptListener,
+  connectUnix,
+  listenUnix,
+  MAX_FDS_PER_MESSAGE,
+  socketPair,
+  UnixSocket,
+} from "./socket.ts";
 
 function recvAll(s: UnixSocket, buf: Uint8Array<ArrayBuffer>) {
   const r = s.recvMsg(buf);
@@ -229,5 +236,42 @@ Deno.test("socket a received fd can be passed on again (fd re-send keeps the obj
     for (const f of relayed) f.close();
     for (const s of [a, b, c, d]) s.close();
     mem.close();
+  }
+});
+
+Deno.test("adoptListener serves an inherited listening socket and leaves its path alone on close", () => {
+  const { dir, path } = tempSock();
+  const owner = listenUnix(path);
+  try {
+    const adopted = adoptListener(owner.fd.dup(0, "inherited listener"));
+    assert.equal(adopted.path, null);
+    const c = connectUnix(path);
+    const s = adopted.accept();
+    assert.ok(s, "a connection to the path arrives on the adopted fd");
+    s.close();
+    c.close();
+    adopted.close();
+    assert.ok(Deno.lstatSync(path).isSocket, "closing the adopted listener does not unlink the path");
+  } finally {
+    owner.close();
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("socket shutdown makes the peer read end of file; a second shutdown is harmless", () => {
+  const [a, b] = socketPair();
+  try {
+    a.sendMsg(new Uint8Array([1]));
+    a.shutdown();
+    a.shutdown();
+    assert.equal(b.recvMsg(new Uint8Array(4))?.bytes, 1, "data sent before shutdown still arrives");
+    assert.equal(b.recvMsg(new Uint8Array(4))?.bytes, 0);
+    assert.throws(
+      () => a.sendMsg(new Uint8Array([2])),
+      (e: unknown) => e instanceof ErrnoError && e.code === "EPIPE",
+    );
+  } finally {
+    a.close();
+    b.close();
   }
 });
