@@ -215,7 +215,8 @@ export class Vm {
   }
 
   #spawn(p: PlannedProcess): RunningChild {
-    const exe = resolveExecutable(p.argv[0]);
+    const found = resolveExecutable(p.argv[0]);
+    const exe = found.startsWith("/") ? found : `${Deno.cwd()}/${found}`;
     const argv = withParentDeathSignal(exe, p.argv, getpid());
     const env = { ...Deno.env.toObject(), ...p.env };
     const process = spawn(argv[0], argv, { fds: this.#fdsFor(p), env, newProcessGroup: p.ownProcessGroup });
