@@ -195,11 +195,14 @@ class BlkQueue {
   requeued = false;
   /** Pop time (shared by the requests of one pass over the ring: one clock read per pass). */
   stamp = 0;
-  #flushQueued = false;
-  readonly #flushLater = () => {
-    this.#flushQueued = false;
-    if (!this.inKick) this.publish();
-  };
+  /**
+   * Work deferred out of engine callbacks (never re-enter an engine from its own completion) to
+   * the reactor's next turn, right after the epoll batch that delivered the completions.
+   */
+  #needPublish = false;
+  #needFlush = false;
+  /** Removes this queue's reactor poller. */
+  removePoller: (() => void) | null = null;
   /** Start times of requests completed since the last publish (latency needs one clock read). */
   readonly #doneStarts = new Float64Array(1024);
   #doneN = 0;
@@ -207,11 +210,12 @@ class BlkQueue {
   #waiting: BlkRequest[] = [];
   readonly #flush = new DurabilityFlush(this);
   #flushInFlight = false;
-  #flushScheduled = false;
-  readonly #flushSoon = () => {
-    this.#flushScheduled = false;
-    if (this.inKick) this.requeued = true;
-    else {
+
+  /** Reactor poller (runs every turn): does the deferred work; never keeps the reactor busy. */
+  readonly poll = (): boolean => {
+    if (this.inKick) return false;
+    if (this.#needFlush) {
+      this.#needFlush = false;
       try {
         if (this.startDurabilityFlush()) this.engine.submit();
       } catch (e) {
@@ -219,6 +223,11 @@ class BlkQueue {
         console.error(`mpq vhost: queue ${this.vq.index}: writethrough flush: ${(e as Error).message}`);
       }
     }
+    if (this.#needPublish) {
+      this.#needPublish = false;
+      this.publish();
+    }
+    return false;
   };
 
   constructor(dev: BlkDevice, vq: VirtQueue, engine: BlkIoEngine, metrics: QueueMetrics) {
@@ -239,11 +248,9 @@ class BlkQueue {
       req.writeResult = result;
       this.#waiting.push(req);
       if (this.#flushInFlight) return; // durabilityDone() starts the next one
+      // One flush for all the writes of this kick or this reap: started after it.
       if (this.inKick) this.requeued = true;
-      else if (!this.#flushScheduled) {
-        this.#flushScheduled = true; // gather the other completions of this reap first
-        queueMicrotask(this.#flushSoon);
-      }
+      else this.#needFlush = true;
       return;
     }
     let status: number = BlkStatus.OK;
@@ -284,7 +291,7 @@ class BlkQueue {
     batch.length = 0;
     if (this.#waiting.length > 0) {
       if (this.inKick) this.requeued = true;
-      else if (this.startDurabilityFlush()) this.engine.submit();
+      else this.#needFlush = true;
     }
   }
 
@@ -298,10 +305,7 @@ class BlkQueue {
     if (this.#doneN === this.#doneStarts.length) this.#observe();
     this.#doneStarts[this.#doneN++] = req.start;
     this.vq.pushUsed(req.head, usedLen);
-    if (!this.inKick && !this.#flushQueued) {
-      this.#flushQueued = true;
-      queueMicrotask(this.#flushLater);
-    }
+    if (!this.inKick) this.#needPublish = true;
   }
 
   #observe(): void {
@@ -417,6 +421,7 @@ export class BlkDevice implements VhostUserDevice {
     if (!q) {
       const engine = createEngine(this.#file, ctx.reactor, { engine: this.#engineChoice, depth: vq.size });
       q = new BlkQueue(this, vq, engine, ctx.metrics.queue(vq.index));
+      q.removePoller = ctx.reactor.addPoller(q.poll);
       this.#queues[vq.index] = q;
     }
     q.vq = vq;
@@ -448,6 +453,7 @@ export class BlkDevice implements VhostUserDevice {
     const left = q.engine.pending;
     if (left > 0) {
       q.engine.close();
+      q.removePoller?.();
       this.#queues[vq.index] = undefined;
       throw new Error(
         `queue ${vq.index}: ${left} request(s) still in flight after ${STOP_TIMEOUT_MS} ms`,
@@ -651,7 +657,10 @@ export class BlkDevice implements VhostUserDevice {
   }
 
   close(): void {
-    for (const q of this.#queues) q?.engine.close();
+    for (const q of this.#queues) {
+      q?.removePoller?.();
+      q?.engine.close();
+    }
     this.#queues.length = 0;
     this.#file.close();
   }
