@@ -131,7 +131,7 @@ export async function main(args: string[]): Promise<number> {
     log,
     error: (l) => console.error(`mpq orchestrate: ${l}`),
     stopTimeoutMs,
-    whileRunning: v.demo ? (vm) => watchDemo(vm, log) : undefined,
+    whileRunning: v.demo ? (vm) => watchDemo(vm, { log }) : undefined,
   });
 }
 

@@ -42,7 +42,11 @@ export const DEMO_INTRO =
  * Runs while the demo VM is up: waits (bounded) until SeaBIOS has finished its boot attempts, prints
  * what the firmware saw, and returns 0 if the remote device was found, else 1.
  */
-export async function watchDemo(vm: Vm, log: (line: string) => void, timeoutMs = 60000): Promise<number> {
+export async function watchDemo(
+  vm: Vm,
+  options: { log: (line: string) => void; timeoutMs?: number },
+): Promise<number> {
+  const { log, timeoutMs = 60000 } = options;
   const path = vm.plan.debugcon;
   if (!path) throw new Error("demo plan has no debug console");
   const remote = vm.children.find((c) => c.planned.role === "remote");

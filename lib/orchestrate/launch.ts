@@ -217,7 +217,7 @@ export class Vm {
   #spawn(p: PlannedProcess): RunningChild {
     const found = resolveExecutable(p.argv[0]);
     const exe = found.startsWith("/") ? found : `${Deno.cwd()}/${found}`;
-    const argv = withParentDeathSignal(exe, p.argv, getpid());
+    const argv = withParentDeathSignal([exe, ...p.argv.slice(1)], { parentPid: getpid() });
     const env = { ...Deno.env.toObject(), ...p.env };
     const process = spawn(argv[0], argv, { fds: this.#fdsFor(p), env, newProcessGroup: p.ownProcessGroup });
     let resolve!: (s: ExitStatus) => void;

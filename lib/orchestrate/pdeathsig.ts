@@ -23,6 +23,8 @@ const SCRIPT =
 
 /** Options for withParentDeathSignal. */
 export interface ParentDeathOptions {
+  /** The pid of the process that will spawn the wrapper (mpq itself). */
+  parentPid: number;
   /** setpriv binary (default "/usr/bin/setpriv"). */
   setpriv?: string;
   /** POSIX shell (default "/bin/sh"). */
@@ -30,22 +32,17 @@ export interface ParentDeathOptions {
 }
 
 /**
- * The argv that runs `exe` with `argv[1..]` so that it gets SIGKILL when process `parentPid` (which
- * must be the one that spawns it) dies.
+ * The argv that runs `argv` (argv[0] an absolute path) so that it gets SIGKILL when the process
+ * `options.parentPid` (which must be the one that spawns it) dies.
  * @example
- * const wrapped = withParentDeathSignal("/usr/bin/qemu-system-x86_64", ["qemu-system-x86_64", "-S"], getpid());
+ * const wrapped = withParentDeathSignal(["/usr/bin/qemu-system-x86_64", "-S"], { parentPid: getpid() });
  * spawn(wrapped[0], wrapped);
  */
-export function withParentDeathSignal(
-  exe: string,
-  argv: readonly string[],
-  parentPid: number,
-  options: ParentDeathOptions = {},
-): string[] {
+export function withParentDeathSignal(argv: readonly string[], options: ParentDeathOptions): string[] {
+  const exe = argv[0] ?? "";
   if (!exe.startsWith("/")) throw new TypeError(`withParentDeathSignal needs an absolute path: got ${exe}`);
-  const setpriv = options.setpriv ?? "/usr/bin/setpriv";
   return [
-    setpriv,
+    options.setpriv ?? "/usr/bin/setpriv",
     "--pdeathsig",
     "KILL",
     "--",
@@ -53,8 +50,7 @@ export function withParentDeathSignal(
     "-c",
     SCRIPT,
     "mpq-child",
-    String(parentPid),
-    exe,
-    ...argv.slice(1),
+    String(options.parentPid),
+    ...argv,
   ];
 }

@@ -12,13 +12,13 @@ Deno.test("pdeathsig wrapper runs the target with its fds when the parent is the
   using mem = memfdCreate("pdeathsig-test");
   const out = `${dir.path}/out`;
   // The target reports what fd 3 is and the argv it got.
-  const argv = withParentDeathSignal("/bin/sh", [
-    "sh",
+  const argv = withParentDeathSignal([
+    "/bin/sh",
     "-c",
     `readlink /proc/self/fd/3 > ${out}; echo "$0 $1" >> ${out}`,
     "x",
     "y",
-  ], getpid());
+  ], { parentPid: getpid() });
   assert.deepEqual(argv.slice(0, 5), ["/usr/bin/setpriv", "--pdeathsig", "KILL", "--", "/bin/sh"]);
   const child = spawn(argv[0], argv, { fds: new Map([[3, mem]]) });
   const st = await child.wait();
@@ -37,7 +37,7 @@ Deno.test("pdeathsig wrapper refuses to start the target when its parent is not 
   };
   const marker = `${dir.path}/ran`;
   // Pretend mpq (pid 1 here, which is not our pid) already died and the child was re-parented.
-  const argv = withParentDeathSignal("/usr/bin/touch", ["touch", marker], 1);
+  const argv = withParentDeathSignal(["/usr/bin/touch", marker], { parentPid: 1 });
   const child = spawn(argv[0], argv, { stdio: "null" });
   const st = await child.wait();
   assert.equal(st.code, PARENT_GONE_EXIT);
@@ -45,7 +45,10 @@ Deno.test("pdeathsig wrapper refuses to start the target when its parent is not 
 });
 
 Deno.test("pdeathsig wrapper needs an absolute program path", () => {
-  assert.throws(() => withParentDeathSignal("qemu", ["qemu"], 1), /needs an absolute path: got qemu/);
+  assert.throws(
+    () => withParentDeathSignal(["qemu"], { parentPid: 1 }),
+    /needs an absolute path: got qemu/,
+  );
 });
 
 Deno.test("pdeathsig wrapper leaves the target no ignored and no blocked signals", async () => {
@@ -56,7 +59,7 @@ Deno.test("pdeathsig wrapper leaves the target no ignored and no blocked signals
     },
   };
   const out = `${dir.path}/status`;
-  const argv = withParentDeathSignal("/bin/cp", ["cp", "/proc/self/status", out], getpid());
+  const argv = withParentDeathSignal(["/bin/cp", "/proc/self/status", out], { parentPid: getpid() });
   const st = await spawn(argv[0], argv).wait();
   assert.equal(st.text, "exit 0");
   const status = Deno.readTextFileSync(out);
