@@ -102,30 +102,55 @@ Deno.test({
   },
 });
 
+/** The inode of the listening UNIX socket bound at `path`, from /proc/net/unix. */
+function listenerInode(path: string): string {
+  for (const line of Deno.readTextFileSync("/proc/net/unix").split("\n")) {
+    const cols = line.trim().split(/\s+/);
+    if (cols.length >= 8 && cols[7] === path && (parseInt(cols[3], 16) & 0x10000) !== 0) return cols[6];
+  }
+  throw new Error(`no listening socket at ${path}`);
+}
+
 Deno.test({
   name: "orchestrate children get exactly the planned fds and no socket or pipe of mpq",
   ignore,
   async fn() {
     using dir = tempDir("mpq-faults-");
-    await using run = await startVm(dir.path);
+    const disk = `${dir.path}/disk.img`;
+    Deno.writeFileSync(disk, new Uint8Array(1024 * 1024));
+    const topo = writeTopology(
+      dir.path,
+      firmwareVm(dir.path, {
+        devices: [
+          { type: "remote", id: "lsi0", device: "lsi53c895a" },
+          { type: "vhost-user-blk", id: "vblk0", backend: { mpq: { file: disk } } },
+          { type: "ivshmem", id: "ivs0", server: { mpq: { size: "1M" } } },
+        ],
+      }),
+    );
+    await using run = MpqRun.start(["orchestrate", topo]);
+    await run.waitFor(/\] running +4 processes/);
+    const runtime = run.stdout.match(/mpq qmp (\S+)\/qmp-operator\.sock/)![1];
     const mpqFds = fdTable(run.child.pid);
-    const remote = fdTable(run.pids.get("remote lsi0")!);
-    const qemu = fdTable(run.pids.get("qemu")!);
-    // Planned: remote fd 3 = its socketpair end; QEMU fd 3/4 = QMP listeners, fd 5 = the proxy's end.
+    const tables = new Map([...run.pids].map(([name, pid]) => [name, fdTable(pid)]));
+    const remote = tables.get("remote lsi0")!;
+    const qemu = tables.get("qemu")!;
+    const vhost = tables.get("vhost vblk0")!;
+    // At the planned numbers: QEMU fd 3/4 = the QMP listeners mpq bound, fd 5 = the proxy's end of
+    // the socketpair whose other end is the remote's fd 3; the vhost daemon's fd 3 = its listener.
+    assert.equal(qemu.get(3), `socket:[${listenerInode(`${runtime}/qmp.sock`)}]`);
+    assert.equal(qemu.get(4), `socket:[${listenerInode(`${runtime}/qmp-operator.sock`)}]`);
+    assert.equal(vhost.get(3), `socket:[${listenerInode(`${runtime}/vhost-vblk0.sock`)}]`);
+    assert.match(qemu.get(5) ?? "", /^socket:\[\d+\]$/);
     assert.match(remote.get(3) ?? "", /^socket:\[\d+\]$/);
-    for (const fd of [3, 4, 5]) assert.match(qemu.get(fd) ?? "", /^socket:\[\d+\]$/, `qemu fd ${fd}`);
-    // Nothing of mpq's own (its epoll, eventfds, pidfds, QMP connection, stdio pipes aside) leaked.
+    // Nothing of mpq's own (its epoll, eventfds, pidfds, QMP connection) leaked into any child.
     const stdio = new Set([0, 1, 2].map((fd) => mpqFds.get(fd)));
     const mine = new Set([...mpqFds.values()].filter((t) => /^(socket|pipe):/.test(t) && !stdio.has(t)));
     assert.ok(mine.size > 0, "mpq holds sockets of its own (at least its QMP connection)");
-    for (const [name, table] of [["remote", remote], ["qemu", qemu]] as const) {
-      for (const [fd, target] of table) {
-        assert.ok(!mine.has(target), `${name} fd ${fd} is mpq's ${target}`);
-      }
+    for (const [name, table] of tables) {
+      for (const [fd, target] of table) assert.ok(!mine.has(target), `${name} fd ${fd} is mpq's ${target}`);
+      for (const fd of [0, 1, 2]) assert.equal(table.get(fd), mpqFds.get(fd), `${name} stdio fd ${fd}`);
     }
-    // The remote's own fds above 3 are QEMU's making (eventfds, memfds...), none inherited:
-    // everything inherited is at 0..3, and 0..2 are mpq's stdio.
-    for (const fd of [0, 1, 2]) assert.equal(remote.get(fd), mpqFds.get(fd), `remote stdio fd ${fd}`);
   },
 });
 
