@@ -5,18 +5,30 @@
 import { ErrnoError } from "./ffi/mod.ts";
 import { InputError, UsageError } from "./lib/cli/errors.ts";
 import { VERSION } from "./lib/version.ts";
-import { main as ivshmemMain } from "./lib/ivshmem/mod.ts";
-import { main as orchestrateMain, qmpMain } from "./lib/orchestrate/cli.ts";
-import { main as vhostMain } from "./lib/vhost/cli.ts";
 
 type Command = { summary: string; main: (args: string[]) => Promise<number> };
 
-/** Subcommands; each module's main returns the exit code. */
+/**
+ * Subcommands; each module's main returns the exit code. Modules load on first use, so a command
+ * pays start-up only for its own code (a supervised child such as `mpq vhost` starts faster).
+ */
 const COMMANDS: Record<string, Command> = {
-  orchestrate: { summary: "multi-process QEMU from a JSON topology", main: orchestrateMain },
-  qmp: { summary: "run one QMP command on a QEMU monitor socket", main: qmpMain },
-  ivshmem: { summary: "ivshmem server (drop-in for contrib ivshmem-server) and client", main: ivshmemMain },
-  vhost: { summary: "vhost-user back-end daemons (blk, rng)", main: vhostMain },
+  orchestrate: {
+    summary: "multi-process QEMU from a JSON topology",
+    main: async (a) => (await import("./lib/orchestrate/cli.ts")).main(a),
+  },
+  qmp: {
+    summary: "run one QMP command on a QEMU monitor socket",
+    main: async (a) => (await import("./lib/orchestrate/cli.ts")).qmpMain(a),
+  },
+  ivshmem: {
+    summary: "ivshmem server (drop-in for contrib ivshmem-server) and client",
+    main: async (a) => (await import("./lib/ivshmem/mod.ts")).main(a),
+  },
+  vhost: {
+    summary: "vhost-user back-end daemons (blk, rng)",
+    main: async (a) => (await import("./lib/vhost/cli.ts")).main(a),
+  },
 };
 
 const USAGE = `mpq ${VERSION}: host-side plumbing for disaggregated QEMU devices
