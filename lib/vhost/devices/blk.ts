@@ -22,7 +22,7 @@ import type { DeviceContext, VhostUserDevice } from "../backend.ts";
 import type { GuestRegion } from "../guest_memory.ts";
 import { bit, MAX_CONFIG_SIZE } from "../message.ts";
 import type { QueueMetrics } from "../metrics.ts";
-import { DescriptorChain, type VirtQueue } from "../virtqueue.ts";
+import { DescriptorChain, type VirtQueue, VirtqueueError } from "../virtqueue.ts";
 import { type BlkIoEngine, type BlkIoRequest, createEngine as createIoEngine } from "./blk_io.ts";
 
 /** virtio-blk feature bits. */
@@ -151,6 +151,8 @@ class BlkRequest implements BlkIoRequest {
   start = 0;
   /** Writethrough: what the write returned while it waits for its flush. */
   writeResult = 0;
+  /** Between pop and completion. */
+  busy = false;
 
   constructor(q: BlkQueue) {
     this.q = q;
@@ -296,6 +298,7 @@ class BlkQueue {
   }
 
   finish(req: BlkRequest, status: number, usedLen: number): void {
+    req.busy = false;
     if (req.statusRegion) req.statusRegion.bytes[req.statusOff] = status;
     const m = this.metrics;
     m.requests++;
@@ -485,6 +488,10 @@ export class BlkDevice implements VhostUserDevice {
   /** Parses one chain and queues its I/O (or completes it at once). */
   #request(q: BlkQueue, c: DescriptorChain): void {
     const req = q.slot(c.head);
+    if (req.busy) {
+      throw new VirtqueueError(`queue ${q.vq.index}: head ${c.head} made available again while in flight`);
+    }
+    req.busy = true;
     req.head = c.head;
     req.start = q.stamp;
     req.statusRegion = null;
