@@ -11,6 +11,11 @@ import type { VirtQueue } from "./virtqueue.ts";
 export interface DeviceContext {
   reactor: Reactor;
   metrics: Metrics;
+  /**
+   * Processes the queue again on a later reactor turn's behalf (a device that stops after a fair
+   * share of work with buffers left calls this instead of waiting for a kick that will not come).
+   */
+  process?: (vq: VirtQueue) => void;
 }
 
 /**

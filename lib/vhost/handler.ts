@@ -285,7 +285,7 @@ export class VhostUserHandler {
     q.eventIdx = (this.features & bit(VirtioFeature.RING_EVENT_IDX)) !== 0n;
     if ((this.features & bit(VirtioFeature.PROTOCOL_FEATURES)) === 0n) q.enabled = true;
     q.start(this.memory);
-    this.device.startQueue(q, this.ctx);
+    this.device.startQueue(q, { ...this.ctx, process: (vq) => this.process(vq) });
     if (q.resubmitPending > 0) {
       this.#log(`mpq vhost: queue ${q.index}: resubmitting ${q.resubmitPending} inflight request(s)`);
     }

@@ -72,6 +72,8 @@ export const MAX_DISCARD_SECTORS = 0x3fffff;
 const SECTOR = 512;
 const ID_BYTES = 20;
 const MAX_DWZ_SEGS = 16;
+/** Passes over the ring one kick may make before yielding to the reactor. */
+const MAX_PASSES = 4;
 /** How long stopping a queue waits for its requests. */
 const STOP_TIMEOUT_MS = 5000;
 
@@ -205,6 +207,10 @@ class BlkQueue {
   #needFlush = false;
   /** Removes this queue's reactor poller. */
   removePoller: (() => void) | null = null;
+  /** Re-runs the queue through the engine's error handling (DeviceContext.process). */
+  process: ((vq: VirtQueue) => void) | null = null;
+  /** The last kick stopped after its fair share with buffers left: continue on the next turn. */
+  resume = false;
   /** Start times of requests completed since the last publish (latency needs one clock read). */
   readonly #doneStarts = new Float64Array(1024);
   #doneN = 0;
@@ -213,7 +219,7 @@ class BlkQueue {
   readonly #flush = new DurabilityFlush(this);
   #flushInFlight = false;
 
-  /** Reactor poller (runs every turn): does the deferred work; never keeps the reactor busy. */
+  /** Reactor poller (runs every turn): does the deferred work; busy only while a queue is behind. */
   readonly poll = (): boolean => {
     if (this.inKick) return false;
     if (this.#needFlush) {
@@ -229,7 +235,12 @@ class BlkQueue {
       this.#needPublish = false;
       this.publish();
     }
-    return false;
+    if (this.resume) {
+      this.resume = false;
+      this.process?.(this.vq);
+    }
+    // Still behind (the pass stopped at its fair share again): keep the reactor turning.
+    return this.resume;
   };
 
   constructor(dev: BlkDevice, vq: VirtQueue, engine: BlkIoEngine, metrics: QueueMetrics) {
@@ -428,6 +439,8 @@ export class BlkDevice implements VhostUserDevice {
       this.#queues[vq.index] = q;
     }
     q.vq = vq;
+    q.process = ctx.process ?? null;
+    q.resume = false;
   }
 
   /**
@@ -467,11 +480,13 @@ export class BlkDevice implements VhostUserDevice {
   processQueue(vq: VirtQueue): void {
     const q = this.#queues[vq.index]!;
     const chain = this.#chain;
+    const max = vq.size;
+    let passes = 0;
     q.inKick = true;
     try {
       do {
         q.stamp = performance.now();
-        while (vq.pop(chain)) this.#request(q, chain);
+        for (let n = 0; n < max && vq.pop(chain); n++) this.#request(q, chain);
         q.engine.submit();
         // Writes completed inside submit() in writethrough mode: one flush for all of them.
         while (q.requeued) {
@@ -479,6 +494,11 @@ export class BlkDevice implements VhostUserDevice {
           if (q.startDurabilityFlush()) q.engine.submit();
         }
         q.publish();
+        // Fairness: after MAX_PASSES rings' worth, let other queues and messages run first.
+        if (++passes >= MAX_PASSES && q.process !== null && vq.hasWork()) {
+          q.resume = true;
+          break;
+        }
       } while (vq.enableNotification());
     } finally {
       q.inKick = false;
