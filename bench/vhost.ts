@@ -3,7 +3,8 @@
  * /dev/shm, `mpq vhost blk` and qemu-storage-daemon side by side in the same run, both driven by
  * the same TypeScript front-end (tests/helpers/vhost_frontend.ts) from this process, while each
  * back-end runs in its own process. Prints IOPS, p50/p99 latency, the back-end's CPU time per I/O
- * (/proc/PID/stat utime+stime) and the mpq/qsd ratio.
+ * (/proc/PID/stat utime+stime), the driver's own CPU time per I/O (when it approaches the wall time
+ * per I/O, the TypeScript driver is what limits the figure) and the mpq/qsd ratio.
  *
  * The driver is kept cheap: one reserved 3-descriptor chain per slot, rewritten in place; every
  * call drains the used ring, refills all free slots, publishes avail->idx once and kicks at most
@@ -31,6 +32,8 @@ export interface LoadResult {
   errors: number;
   /** Back-end CPU microseconds per I/O (user+system), NaN when unknown. */
   cpuUsPerIo: number;
+  /** This driver's own CPU microseconds per I/O (near the wall time per I/O: the driver limits). */
+  driverCpuUsPerIo: number;
   /** Front-end kicks and calls per I/O. */
   kicksPerIo: number;
   callsPerIo: number;
@@ -191,6 +194,16 @@ export async function runLoad(fe: VhostUserFrontend, options: LoadOptions): Prom
   const complete = q.onComplete;
   // Call mode: the call handler drains the used ring, then this poller refills. Poll mode: this
   // poller also drains the used ring and keeps the reactor spinning while requests are in flight.
+  // What the ring looked like when requests stopped completing (lost call or lost kick?).
+  const stuck = () =>
+    `${options.rw} QD${options.depth}: ${inFlight} requests never completed (avail ${ring.availIdx}, ` +
+    `device used ${ring.usedIdx()}, driver consumed ${ring.lastUsed}, avail_event ${ring.availEvent()}, ` +
+    `used flags ${ring.usedFlags()}; ${q.kicks} kicks, ${q.calls} calls; ` +
+    `${
+      ring.usedIdx() !== ring.lastUsed
+        ? "the device completed them but no call came"
+        : "the device did not complete them"
+    })`;
   const removePoller = fe.reactor.addPoller(() => {
     if (poll && ring.collect(complete!) > 0) ring.suppressCalls();
     if (free.length) submitFree();
@@ -205,6 +218,7 @@ export async function runLoad(fe: VhostUserFrontend, options: LoadOptions): Prom
   wake.signal();
   await new Promise((r) => setTimeout(r, options.warmup * 1000));
   const cpu0 = options.backendPid ? processCpuSeconds(options.backendPid) : NaN;
+  const drv0 = processCpuSeconds(Deno.pid);
   kick0.kicks = q.kicks;
   kick0.calls = q.calls;
   const t0 = performance.now();
@@ -213,6 +227,7 @@ export async function runLoad(fe: VhostUserFrontend, options: LoadOptions): Prom
   measuring = false;
   const t1 = performance.now();
   const cpu1 = options.backendPid ? processCpuSeconds(options.backendPid) : NaN;
+  const drv1 = processCpuSeconds(Deno.pid);
   const kicks = q.kicks - kick0.kicks;
   const calls = Number(q.calls - kick0.calls);
   stopping = true;
@@ -220,10 +235,7 @@ export async function runLoad(fe: VhostUserFrontend, options: LoadOptions): Prom
   let timer: ReturnType<typeof setTimeout> | undefined;
   await Promise.race([
     done,
-    new Promise((
-      _,
-      rej,
-    ) => (timer = setTimeout(() => rej(new Error(`${inFlight} requests never completed`)), 10_000))),
+    new Promise((_, rej) => (timer = setTimeout(() => rej(new Error(stuck())), 10_000))),
   ]).finally(() => clearTimeout(timer));
   removePoller();
   wakeWatch.remove();
@@ -243,6 +255,7 @@ export async function runLoad(fe: VhostUserFrontend, options: LoadOptions): Prom
     p99us: percentile(sorted, 0.99) * 1000,
     errors,
     cpuUsPerIo: ((cpu1 - cpu0) * 1e6) / ios,
+    driverCpuUsPerIo: ((drv1 - drv0) * 1e6) / ios,
     kicksPerIo: kicks / ios,
     callsPerIo: calls / ios,
   };
@@ -364,9 +377,9 @@ export async function benchVhost(
     );
     console.log(
       `${"back-end".padEnd(9)} ${"workload".padEnd(13)} ${"IOPS".padStart(9)} ${"p50 us".padStart(8)} ` +
-        `${"p99 us".padStart(8)} ${"CPU us/IO".padStart(10)} ${"kicks/IO".padStart(9)} ${
-          "calls/IO".padStart(9)
-        } errors`,
+        `${"p99 us".padStart(8)} ${"CPU us/IO".padStart(10)} ${"drv us/IO".padStart(10)} ${
+          "kicks/IO".padStart(9)
+        } ${"calls/IO".padStart(9)} errors`,
     );
     for (const [name, r] of Object.entries(results)) {
       if (r instanceof Error) {
@@ -376,9 +389,9 @@ export async function benchVhost(
       for (const p of r) {
         console.log(
           `${name.padEnd(9)} ${`${p.rw} QD${p.depth}`.padEnd(13)} ${fmt(p.iops, 9)} ${fmt(p.p50us, 8, 1)} ` +
-            `${fmt(p.p99us, 8, 1)} ${fmt(p.cpuUsPerIo, 10, 2)} ${fmt(p.kicksPerIo, 9, 2)} ${
-              fmt(p.callsPerIo, 9, 2)
-            } ${p.errors}`,
+            `${fmt(p.p99us, 8, 1)} ${fmt(p.cpuUsPerIo, 10, 2)} ${fmt(p.driverCpuUsPerIo, 10, 2)} ${
+              fmt(p.kicksPerIo, 9, 2)
+            } ${fmt(p.callsPerIo, 9, 2)} ${p.errors}`,
         );
       }
     }

@@ -354,13 +354,24 @@ export class SplitQueue {
     const now = this.availIdx;
     if (old === now) return false;
     this.#published = now;
-    // Atomics.store is a sequentially consistent store: it also orders the loads below after it.
-    Atomics.store(this.#u16, this.#availIdxAt, now);
+    // A locked exchange (xchg on x86) is a full fence: the loads below cannot be satisfied before
+    // the new index is visible to the device (the store-load order EVENT_IDX depends on).
+    Atomics.exchange(this.#u16, this.#availIdxAt, now);
     if (this.eventIdx) {
       const event = Atomics.load(this.#u16, this.#availEventAt);
       return ((now - event - 1) & 0xffff) < ((now - old) & 0xffff);
     }
     return (Atomics.load(this.#u16, this.#usedFlagsAt) & USED_F_NO_NOTIFY) === 0;
+  }
+
+  /** The device's avail_event (EVENT_IDX: "kick me when avail->idx passes this"). */
+  availEvent(): number {
+    return Atomics.load(this.#u16, this.#availEventAt);
+  }
+
+  /** The device's used->flags. */
+  usedFlags(): number {
+    return Atomics.load(this.#u16, this.#usedFlagsAt);
   }
 
   /** The device's used->idx. */
@@ -404,8 +415,9 @@ export class SplitQueue {
    * NO_INTERRUPT), then re-checks. Returns true when completions are already waiting.
    */
   armCall(): boolean {
-    if (this.eventIdx) Atomics.store(this.#u16, this.#usedEventAt, this.lastUsed);
-    else Atomics.store(this.#u16, this.#availRingAt - 2, 0);
+    // Exchange, not store: the used->idx load below must not pass it (see publish()).
+    if (this.eventIdx) Atomics.exchange(this.#u16, this.#usedEventAt, this.lastUsed);
+    else Atomics.exchange(this.#u16, this.#availRingAt - 2, 0);
     return this.usedIdx() !== this.lastUsed;
   }
 
