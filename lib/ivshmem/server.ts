@@ -94,66 +94,103 @@ const MAX_HUGEPAGE_SIZE = 2 ** 30;
 const ACCEPTS_PER_TURN = 64;
 const ACCEPT_PAUSE_MS = 100;
 
-/** Eventfds of one peer, closed when the peer is gone and no queued message still carries one. */
+/**
+ * Eventfds of one peer, closed when the peer is gone and no queued message still carries one.
+ * `onFree` runs then (the server forgets the set).
+ */
 class VectorSet {
   readonly fds: EventFd[];
+  readonly #onFree: () => void;
   #refs = 1;
-  constructor(fds: EventFd[]) {
+  constructor(fds: EventFd[], onFree: () => void) {
     this.fds = fds;
+    this.#onFree = onFree;
   }
   hold(): void {
     this.#refs++;
   }
   release(): void {
-    if (--this.#refs === 0) { for (const f of this.fds) f.close(); }
+    if (--this.#refs > 0) return;
+    for (const f of this.fds) f.close();
+    this.#onFree();
   }
 }
 
+/** Tag of a queued message: no fd, the shm fd, or vector `tag - TAG_VECTOR` of the peer named by its value. */
+const TAG_NONE = 0;
+const TAG_SHM = 1;
+const TAG_VECTOR = 2;
+
 /**
- * Messages waiting for one peer's socket, FIFO, as parallel arrays (a join storm queues millions
- * of them: no object per message). `sent` counts bytes of the head already written; once any
- * byte went out, its fd went with it.
+ * Messages waiting for one peer's socket, FIFO: a ring of (value, tag) in typed arrays, 5 bytes a
+ * message (a join storm of 4000 peers queues tens of millions). The fd is found from the tag
+ * when the message goes out. `sent` counts bytes of the head already written; once any byte went
+ * out its fd went with it, and the head's tag is TAG_NONE.
  */
 class SendQueue {
-  values: number[] = [];
-  fds: Array<OwnedFd | null> = [];
-  holds: Array<VectorSet | null> = [];
-  head = 0;
+  #values = new Int32Array(16);
+  #tags = new Uint8Array(16);
+  #head = 0;
+  #size = 0;
   sent = 0;
 
   get length(): number {
-    return this.values.length - this.head;
+    return this.#size;
   }
 
-  push(value: number, fd: OwnedFd | null, hold: VectorSet | null): void {
-    this.values.push(value);
-    this.fds.push(fd);
-    this.holds.push(hold);
+  get headValue(): number {
+    return this.#values[this.#head];
   }
 
-  /** Drops the head (its hold already released). */
-  shift(): void {
-    this.fds[this.head] = null;
-    this.holds[this.head] = null;
-    this.head++;
-    this.sent = 0;
-    if (this.head === this.values.length) {
-      this.clear();
-    } else if (this.head >= 4096 && this.head * 2 >= this.values.length) {
-      this.values.splice(0, this.head);
-      this.fds.splice(0, this.head);
-      this.holds.splice(0, this.head);
-      this.head = 0;
+  get headTag(): number {
+    return this.#tags[this.#head];
+  }
+
+  set headTag(tag: number) {
+    this.#tags[this.#head] = tag;
+  }
+
+  push(value: number, tag: number): void {
+    const cap = this.#values.length;
+    if (this.#size === cap) {
+      const values = new Int32Array(cap * 2);
+      const tags = new Uint8Array(cap * 2);
+      for (let i = 0; i < this.#size; i++) {
+        values[i] = this.#values[(this.#head + i) & (cap - 1)];
+        tags[i] = this.#tags[(this.#head + i) & (cap - 1)];
+      }
+      this.#values = values;
+      this.#tags = tags;
+      this.#head = 0;
     }
+    const at = (this.#head + this.#size) & (this.#values.length - 1);
+    this.#values[at] = value;
+    this.#tags[at] = tag;
+    this.#size++;
   }
 
-  /** Empties the queue, releasing every hold still in it. */
-  clear(): void {
-    for (let i = this.head; i < this.holds.length; i++) this.holds[i]?.release();
-    this.values = [];
-    this.fds = [];
-    this.holds = [];
-    this.head = 0;
+  /** Drops the head. */
+  shift(): void {
+    this.#head = (this.#head + 1) & (this.#values.length - 1);
+    this.#size--;
+    this.sent = 0;
+    if (this.#size === 0 && this.#values.length > 1024) this.#reset();
+  }
+
+  /** Empties the queue, calling `each` for every message still in it. */
+  drain(each: (value: number, tag: number) => void): void {
+    const mask = this.#values.length - 1;
+    for (let i = 0; i < this.#size; i++) {
+      each(this.#values[(this.#head + i) & mask], this.#tags[(this.#head + i) & mask]);
+    }
+    this.#reset();
+  }
+
+  #reset(): void {
+    this.#values = new Int32Array(16);
+    this.#tags = new Uint8Array(16);
+    this.#head = 0;
+    this.#size = 0;
     this.sent = 0;
   }
 }
@@ -244,6 +281,11 @@ export class IvshmemServer {
   /** Connected peers in join order. */
   readonly #peers = new Map<number, Peer>();
   readonly #drops: Peer[] = [];
+  /**
+   * Every peer's eventfds by id, kept while a queued message may still carry one (a peer that
+   * left stays here until its messages went out); a new peer never gets an id still in here.
+   */
+  readonly #sets = new Map<number, VectorSet>();
   readonly #scratch = new Uint8Array(MESSAGE_SIZE);
   #dropping = false;
   #pauseTimer: ReturnType<typeof setTimeout> | undefined;
@@ -391,6 +433,11 @@ export class IvshmemServer {
     let id: number;
     try {
       id = this.#ids.allocate();
+      while (this.#sets.has(id)) {
+        const busy = id;
+        id = this.#ids.allocate();
+        this.#ids.release(busy);
+      }
     } catch (e) {
       sock.close();
       throw e;
@@ -403,7 +450,9 @@ export class IvshmemServer {
         id,
         sock,
         watch: null,
-        vectors: new VectorSet(fds),
+        vectors: new VectorSet(fds, () => {
+          if (this.#sets.get(id) === peer.vectors) this.#sets.delete(id);
+        }),
         queue: new SendQueue(),
         writing: false,
         gone: false,
@@ -417,6 +466,7 @@ export class IvshmemServer {
     }
     const existing = [...this.#peers.keys()];
     this.#peers.set(id, peer);
+    this.#sets.set(id, peer.vectors);
     this.#stats.joined++;
     this.#log(`new peer id = ${id}`);
     this.#execute(joinPlan(id, existing, this.vectors));
@@ -427,18 +477,24 @@ export class IvshmemServer {
     for (const m of plan) {
       const to = this.#peers.get(m.to);
       if (!to || to.gone) continue;
-      let fd: OwnedFd | null = null;
-      let hold: VectorSet | null = null;
+      let tag = TAG_NONE;
       if (m.fd?.kind === "shm") {
-        fd = this.#shm;
+        tag = TAG_SHM;
       } else if (m.fd?.kind === "vector") {
-        const owner = this.#peers.get(m.fd.peer);
-        if (!owner) continue;
-        hold = owner.vectors;
-        fd = owner.vectors.fds[m.fd.vector].fd;
+        // A vector message's value is always its owner's id: the tag needs only the index.
+        if (m.fd.peer !== m.value) throw new Error(`vector of peer ${m.fd.peer} sent as ${m.value}`);
+        if (!this.#sets.has(m.value)) continue;
+        tag = TAG_VECTOR + m.fd.vector;
       }
-      this.#send(to, m.value, fd, hold);
+      this.#send(to, m.value, tag);
     }
+  }
+
+  /** The fd a message carries. */
+  #fdFor(value: number, tag: number): OwnedFd | null {
+    if (tag === TAG_NONE) return null;
+    if (tag === TAG_SHM) return this.#shm;
+    return this.#sets.get(value)!.fds[tag - TAG_VECTOR].fd;
   }
 
   #limit(): number {
@@ -446,10 +502,11 @@ export class IvshmemServer {
   }
 
   /** Sends now if nothing is queued and the socket takes it; else queues (holding the eventfds). */
-  #send(peer: Peer, value: number, fd: OwnedFd | null, hold: VectorSet | null): void {
+  #send(peer: Peer, value: number, tag: number): void {
     if (peer.queue.length === 0) {
       let n: number | null;
       try {
+        const fd = this.#fdFor(value, tag);
         n = peer.sock.sendMsg(encodeMessage(value, this.#scratch), fd ? [fd] : []);
       } catch (e) {
         this.#log(`peer ${peer.id}: ${e instanceof Error ? e.message : e}`);
@@ -459,14 +516,14 @@ export class IvshmemServer {
       if (n === MESSAGE_SIZE) return;
       if (n !== null) {
         // A partial write took the fd with its first byte; the rest goes later without it.
-        peer.queue.push(value, null, null);
+        peer.queue.push(value, TAG_NONE);
         peer.queue.sent = n;
         this.#queued(peer);
         return;
       }
     }
-    hold?.hold();
-    peer.queue.push(value, fd, hold);
+    if (tag >= TAG_VECTOR) this.#sets.get(value)!.hold();
+    peer.queue.push(value, tag);
     this.#queued(peer);
   }
 
@@ -490,16 +547,15 @@ export class IvshmemServer {
   #flush(peer: Peer): void {
     const q = peer.queue;
     while (q.length > 0) {
-      const bytes = encodeMessage(q.values[q.head], this.#scratch);
+      const value = q.headValue;
+      const tag = q.headTag;
+      const bytes = encodeMessage(value, this.#scratch);
       const data = q.sent > 0 ? bytes.subarray(q.sent) : bytes;
-      const fd = q.sent > 0 ? null : q.fds[q.head];
+      const fd = this.#fdFor(value, tag);
       const n = peer.sock.sendMsg(data, fd ? [fd] : []);
       if (n === null) return;
-      if (q.sent === 0) {
-        q.holds[q.head]?.release();
-        q.holds[q.head] = null;
-        q.fds[q.head] = null;
-      }
+      if (tag >= TAG_VECTOR) this.#sets.get(value)!.release();
+      q.headTag = TAG_NONE;
       if (n < data.byteLength) {
         q.sent += n;
         continue;
@@ -563,7 +619,9 @@ export class IvshmemServer {
     this.#log(`free peer ${peer.id}`);
     peer.watch?.remove();
     peer.sock.close();
-    peer.queue.clear();
+    peer.queue.drain((value, tag) => {
+      if (tag >= TAG_VECTOR) this.#sets.get(value)!.release();
+    });
     peer.vectors.release();
   }
 

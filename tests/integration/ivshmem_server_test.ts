@@ -328,6 +328,50 @@ Deno.test("ivshmem server disconnects a peer that stops reading, without stallin
   });
 });
 
+Deno.test("ivshmem server keeps a departed peer's eventfds for messages still queued to a slow reader", async () => {
+  await withServer({ vectors: 2 }, async (t, path) => {
+    const slow = new RawPeer(path);
+    closeAll(await slow.recvJoin(2));
+    // Churn until the slow peer's socket is full and the server queues for it.
+    let churn = 0;
+    while (t.server.stats.queued === 0) {
+      assert.ok(churn < 5000, "the socket never filled");
+      const p = new RawPeer(path);
+      closeAll(await p.recvJoin(2));
+      p.close();
+      churn++;
+      await t.until(() => t.server.peerIds().length === 1, "a churn peer to leave");
+    }
+    // This peer's join messages to the slow peer wait in the queue; it leaves before they go out.
+    const gone = new RawPeer(path);
+    const goneInit = await gone.recvJoin(2);
+    const goneId = Number(goneInit[1].value);
+    const ownOfGone = goneInit.slice(-2).map((m) => m.fd!);
+    gone.close();
+    await t.until(() => t.server.peerIds().length === 1, "the peer to leave");
+    // Now read everything: every join comes with live eventfds, each followed by its leave.
+    const seen: Array<[number, boolean]> = [];
+    let ringsGone = false;
+    while (true) {
+      const m = await slow.recvUnless(() =>
+        seen.length > 0 && seen.at(-1)![0] === goneId && !seen.at(-1)![1]
+      );
+      if (m === null) break;
+      seen.push([Number(m.value), m.fd !== null]);
+      if (m.fd) {
+        if (Number(m.value) === goneId) ringsGone ||= sameEventFd(m.fd, ownOfGone[0]);
+        m.fd.close();
+      }
+    }
+    closeAll(goneInit);
+    const expected: Array<[number, boolean]> = [];
+    for (let id = 1; id <= churn + 1; id++) expected.push([id, true], [id, true], [id, false]);
+    assert.deepEqual(seen, expected);
+    assert.ok(ringsGone, "the queued fd is the departed peer's own eventfd");
+    slow.close();
+  });
+});
+
 Deno.test("ivshmem client library: join events, notifications both ways, shared memory, leave", async () => {
   await withServer({ vectors: 2, size: 65536 }, async (t, path) => {
     const a = await IvshmemClient.connect(t.reactor, path);
