@@ -31,6 +31,7 @@ export {
   shmUnlink,
 } from "./memory.ts";
 export { EventFd } from "./eventfd.ts";
+export { isListeningSocket } from "./sockopt.ts";
 export { IOV_MAX, IoVecs } from "./iovec.ts";
 export {
   type CompletionHandler,

@@ -5,7 +5,14 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { adoptListener, getpid, listenUnix, OwnedFd, type UnixListener } from "../../ffi/mod.ts";
+import {
+  adoptListener,
+  getpid,
+  isListeningSocket,
+  listenUnix,
+  OwnedFd,
+  type UnixListener,
+} from "../../ffi/mod.ts";
 import { InputError, UsageError } from "../cli/errors.ts";
 import type { VhostUserDevice } from "./backend.ts";
 import { VhostUserDaemon } from "./daemon.ts";
@@ -88,8 +95,9 @@ function listener(socketPath: string | undefined, fd: string | undefined): UnixL
       throw new UsageError("one of --socket-path or --fd is required (or systemd socket activation)", USAGE);
     }
   }
-  const owned = OwnedFd.unsafeAdopt(n, `listening fd ${n}`);
+  const owned = OwnedFd.unsafeAdopt(n, `fd ${n}`);
   try {
+    if (!isListeningSocket(owned)) throw new Error("the socket is not listening");
     return adoptListener(owned);
   } catch (e) {
     owned.unsafeRelease();

@@ -84,6 +84,7 @@ Deno.test("vhost cli exits early and non-zero naming the bad argument or file", 
       [["vhost", "rng", `--socket-path=${sock}`, "--blk-file=x"], /blk-file/],
       [["vhost", "net"], /unknown device 'net'/],
       [["vhost", "rng", "--fd=99"], /--fd 99/],
+      [["vhost", "rng", "--fd=1"], /--fd 1: not a usable listening socket: .*not a socket/],
     ];
     for (const [args, re] of cases) {
       const r = await mpq(args);
