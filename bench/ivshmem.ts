@@ -50,7 +50,7 @@ interface WorkerReport {
 }
 
 /** How long without a new message before a worker gives up waiting for more. */
-const QUIET_MS = 15_000;
+const QUIET_MS = 60_000;
 
 const epochMs = () => performance.timeOrigin + performance.now();
 
@@ -87,7 +87,12 @@ export async function stormWorker(
   const running = reactor.run();
   const t0 = epochMs();
   const watchdog = setInterval(() => {
-    if (epochMs() - Math.max(tLast, t0) > QUIET_MS) reactor.stop();
+    if (epochMs() - Math.max(tLast, t0) <= QUIET_MS) return;
+    console.error(
+      `storm worker: nothing for ${QUIET_MS / 1000} s; ${complete} of ${mine - refused} peers complete, ` +
+        `${received} messages, ${refused} refused, ${socks.length} connected`,
+    );
+    reactor.stop();
   }, 500);
   for (let i = 0; i < mine; i++) {
     const s = connectUnix(path, { maxFds: 1 });
@@ -191,6 +196,7 @@ export async function storm(
       await child.status;
     }
   }
+  if (Deno.env.get("MPQ_BENCH_DEBUG")) console.error(JSON.stringify(reports));
   const refused = reports.reduce((n, r) => n + r.refused, 0);
   const served = peers - refused;
   const target = 3 + vectors * served;
