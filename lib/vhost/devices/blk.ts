@@ -74,6 +74,12 @@ const ID_BYTES = 20;
 const MAX_DWZ_SEGS = 16;
 /** Passes over the ring one kick may make before yielding to the reactor. */
 const MAX_PASSES = 4;
+/**
+ * Requests served per pass: the used ring is published (and the driver called) after each batch
+ * this big, so the driver refills while the rest is served. vub-bench QD32 on /dev/shm: +10-25%
+ * IOPS and less CPU per I/O than whole-ring passes; writethrough on ext4 no worse.
+ */
+const PASS_BATCH = 16;
 /** How long stopping a queue waits for its requests. */
 const STOP_TIMEOUT_MS = 5000;
 
@@ -480,7 +486,8 @@ export class BlkDevice implements VhostUserDevice {
   processQueue(vq: VirtQueue): void {
     const q = this.#queues[vq.index]!;
     const chain = this.#chain;
-    const max = vq.size;
+    const max = Math.min(vq.size, PASS_BATCH);
+    const maxPasses = MAX_PASSES * Math.ceil(vq.size / max);
     let passes = 0;
     q.inKick = true;
     try {
@@ -495,7 +502,7 @@ export class BlkDevice implements VhostUserDevice {
         }
         q.publish();
         // Fairness: after MAX_PASSES rings' worth, let other queues and messages run first.
-        if (++passes >= MAX_PASSES && q.process !== null && vq.hasWork()) {
+        if (++passes >= maxPasses && q.process !== null && vq.hasWork()) {
           q.resume = true;
           break;
         }
