@@ -89,8 +89,8 @@ export async function stormWorker(
   const watchdog = setInterval(() => {
     if (epochMs() - Math.max(tLast, t0) <= QUIET_MS) return;
     console.error(
-      `storm worker: nothing for ${QUIET_MS / 1000} s; ${complete} of ${mine - refused} peers complete, ` +
-        `${received} messages, ${refused} refused, ${socks.length} connected`,
+      `storm worker: stopped after ${QUIET_MS / 1000} s without a message (${received} messages, ` +
+        `${refused} of its ${mine} peers refused; the totals are checked over all workers)`,
     );
     reactor.stop();
   }, 500);
