@@ -87,9 +87,11 @@ export class MappedRegion {
   readonly size: number;
   readonly bytes: Uint8Array<ArrayBuffer>;
   #ptr: Deno.PointerObject | null;
+  readonly #base: number;
 
   constructor(ptr: Deno.PointerObject, size: number) {
     this.#ptr = ptr;
+    this.#base = Number(Deno.UnsafePointer.value(ptr));
     this.size = size;
     this.bytes = new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(ptr, size));
   }
@@ -98,6 +100,15 @@ export class MappedRegion {
   get unsafeAddress(): bigint {
     if (this.#ptr === null) throw new ErrnoError("use", Errno.EFAULT, "of an unmapped region");
     return BigInt(Deno.UnsafePointer.value(this.#ptr));
+  }
+
+  /**
+   * The mapping's address as a number, for building iovecs inside ffi/ without BigInt work on the
+   * hot path (x86_64 user addresses are below 2^47, so the number is exact).
+   */
+  get unsafeBase(): number {
+    if (this.#ptr === null) throw new ErrnoError("use", Errno.EFAULT, "of an unmapped region");
+    return this.#base;
   }
 
   /** Whether close() has run. */
