@@ -150,3 +150,24 @@ Deno.test("Reactor run twice at once and close while running are refused", async
   reactor.stop();
   await running;
 });
+
+for (const wake of ["socket", "thread"] as const) {
+  Deno.test(`Reactor (${wake} wake-up) sleeps until an fd is ready, many times, and stops with nothing pending`, async () => {
+    using reactor = new Reactor({ wake });
+    const [a, b] = socketPair();
+    try {
+      let got = 0;
+      reactor.add(b.fd, { readable: true }, () => {
+        while (b.recvMsg(new Uint8Array(64))) got++;
+        if (got >= 50) reactor.stop();
+        else setTimeout(() => a.sendMsg(new Uint8Array([1])), 1);
+      });
+      setTimeout(() => a.sendMsg(new Uint8Array([1])), 5);
+      await reactor.run();
+      assert.equal(got, 50);
+    } finally {
+      a.close();
+      b.close();
+    }
+  });
+}

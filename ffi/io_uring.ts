@@ -70,7 +70,9 @@ export const SQE = {
 export const CQE = { size: 16, userData: 0, res: 8, flags: 12 } as const;
 
 /** The opcodes this module prepares. */
-export const IoUringOp = { NOP: 0, READV: 1, WRITEV: 2, FSYNC: 3 } as const;
+export const IoUringOp = { NOP: 0, READV: 1, WRITEV: 2, FSYNC: 3, POLL_ADD: 6, WRITE: 23 } as const;
+/** IOSQE_IO_LINK: the next SQE starts only after this one completed successfully. */
+const IOSQE_IO_LINK = 1 << 2;
 
 const IORING_OFF_SQ_RING = 0n;
 const IORING_OFF_CQ_RING = 0x8000000n;
@@ -337,6 +339,33 @@ export class IoUring {
     const w = this.#next(IoUringOp.FSYNC, file.unsafeFd, userData);
     if (w < 0) return false;
     if (options.datasync) this.#sqe32[w + (SQE.rwFlags >>> 2)] = IORING_FSYNC_DATASYNC;
+    return true;
+  }
+
+  /**
+   * Prepares a one-shot poll of `fd` for `events` (POLLIN = 1). With `link`, the next SQE runs only
+   * once the poll has fired. False when the SQ ring is full.
+   */
+  prepPollAdd(fd: OwnedFd, events: number, userData: number, options: { link?: boolean } = {}): boolean {
+    const w = this.#next(IoUringOp.POLL_ADD, fd.unsafeFd, userData);
+    if (w < 0) return false;
+    this.#sqe32[w + (SQE.rwFlags >>> 2)] = events >>> 0;
+    if (options.link) this.#sqe8[(w << 2) + SQE.flags] = IOSQE_IO_LINK;
+    return true;
+  }
+
+  /**
+   * Prepares a write of `buf` to `fd` (at the current position: pipes and sockets). `buf` must stay
+   * referenced by the caller until the completion is reaped. False when the SQ ring is full.
+   */
+  prepWrite(fd: OwnedFd, buf: Uint8Array<ArrayBuffer>, userData: number): boolean {
+    const w = this.#next(IoUringOp.WRITE, fd.unsafeFd, userData);
+    if (w < 0) return false;
+    // off = -1: the file position (required for non-seekable fds on older kernels).
+    this.#sqe32[w + (SQE.off >>> 2)] = 0xffffffff;
+    this.#sqe32[w + (SQE.off >>> 2) + 1] = 0xffffffff;
+    this.#sqe64[(w >>> 1) + (SQE.addr >>> 3)] = addressOf(buf);
+    this.#sqe32[w + (SQE.len >>> 2)] = buf.byteLength;
     return true;
   }
 
