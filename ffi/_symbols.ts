@@ -109,6 +109,12 @@ export const SYMBOLS = {
   setrlimit: { parameters: ["i32", "buffer"], result: "i32" },
   // pid_t getpid(void);
   getpid: { parameters: [], result: "i32" },
+  // ssize_t process_vm_readv(pid_t pid, const struct iovec *local_iov, unsigned long liovcnt,
+  //                          const struct iovec *remote_iov, unsigned long riovcnt, unsigned long flags);
+  process_vm_readv: { parameters: ["i32", "buffer", "usize", "buffer", "usize", "usize"], result: "isize" },
+  // ssize_t process_vm_writev(pid_t pid, const struct iovec *local_iov, unsigned long liovcnt,
+  //                           const struct iovec *remote_iov, unsigned long riovcnt, unsigned long flags);
+  process_vm_writev: { parameters: ["i32", "buffer", "usize", "buffer", "usize", "usize"], result: "isize" },
   // pid_t getppid(void);
   getppid: { parameters: [], result: "i32" },
   // pid_t setsid(void);

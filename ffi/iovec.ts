@@ -71,6 +71,20 @@ export class IoVecs {
     this.#bytes += len;
   }
 
+  /**
+   * Appends every entry of `other` (already checked when it was filled): one iovec array for a
+   * batch of requests. Throws RangeError if they do not all fit.
+   */
+  append(other: IoVecs): void {
+    const n = other.#count;
+    if (this.#count + n > this.capacity) {
+      throw new RangeError(`iovec array has room for ${this.capacity - this.#count} more entries: got ${n}`);
+    }
+    this.#u32.set(other.#u32.subarray(0, 4 * n), 4 * this.#count);
+    this.#count += n;
+    this.#bytes += other.#bytes;
+  }
+
   /** A new array describing the same bytes less the first `skip` (to resume a short transfer). */
   slice(skip: number): IoVecs {
     const out = new IoVecs(this.capacity);

@@ -33,6 +33,7 @@ export {
 export { EventFd } from "./eventfd.ts";
 export { isListeningSocket } from "./sockopt.ts";
 export { IOV_MAX, IoVecs } from "./iovec.ts";
+export { isDirectIo, probeVmCopy, type VmCopyProbe, vmReadSelf, vmWriteSelf } from "./vmcopy.ts";
 export {
   type CompletionHandler,
   IoUring,

@@ -42,7 +42,7 @@ blk options:
                           QEMU's default of one queue per vCPU works)
   --direct                O_DIRECT on the file
   --writeback             advertise a writeback cache (FLUSH = fdatasync); default writethrough
-  --engine=auto|uring|preadv   I/O engine (default auto)
+  --engine=auto|uring|vmcopy|preadv   I/O engine (default auto)
 
 common options:
 ${COMMON}`;
@@ -170,8 +170,11 @@ export async function main(args: string[]): Promise<number> {
       throw new UsageError(`--serial must be at most 20 bytes: got ${JSON.stringify(serial)}`, USAGE);
     }
     const engine = (str("engine") ?? "auto") as EngineChoice;
-    if (!["auto", "uring", "preadv"].includes(engine)) {
-      throw new UsageError(`--engine must be auto, uring or preadv: got ${JSON.stringify(engine)}`, USAGE);
+    if (!["auto", "uring", "vmcopy", "preadv"].includes(engine)) {
+      throw new UsageError(
+        `--engine must be auto, uring, vmcopy or preadv: got ${JSON.stringify(engine)}`,
+        USAGE,
+      );
     }
     const opts = {
       readOnly: !!v["read-only"],

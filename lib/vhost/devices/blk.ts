@@ -84,7 +84,7 @@ const PASS_BATCH = 16;
 const STOP_TIMEOUT_MS = 5000;
 
 /** Which I/O engine: "auto" picks the best available. */
-export type EngineChoice = "auto" | "uring" | "preadv";
+export type EngineChoice = "auto" | "uring" | "vmcopy" | "preadv";
 
 /** Options for the engine factory. */
 export interface EngineOptions {

@@ -15,6 +15,7 @@ import {
   supportsNowait,
 } from "../../../ffi/mod.ts";
 import { UringEngine } from "./blk_uring.ts";
+import { VmCopyEngine } from "./blk_vmcopy.ts";
 
 /** One queued operation. `iov` must stay untouched until `done` runs. */
 export interface BlkIoRequest {
@@ -101,8 +102,11 @@ function tail(iov: IoVecs, skip: number): IoVecs {
   return iov.slice(skip);
 }
 
-/** Which engine createEngine() builds: "auto" is io_uring when it works here, else preadv. */
-export type EngineKind = "auto" | "uring" | "preadv";
+/**
+ * Which engine createEngine() builds: "auto" is io_uring when it works here and the file supports
+ * nowait I/O, else preadv; "vmcopy" (blk_vmcopy.ts) is opt-in.
+ */
+export type EngineKind = "auto" | "uring" | "vmcopy" | "preadv";
 
 /** Options for createEngine(). */
 export interface CreateEngineOptions {
@@ -117,8 +121,11 @@ export interface CreateEngineOptions {
  * with a NOP: ENOSYS, or EPERM from sysctl or seccomp, mean no) and the file supports nowait I/O
  * (block devices, ext4, xfs...), so io_uring runs each request inline in the one io_uring_enter.
  * Otherwise (tmpfs such as /dev/shm on Linux 6.x) io_uring would hand every request to a kernel
- * worker thread, measured 3-10x slower than preadv there, so "auto" picks preadv. "uring" forces
- * io_uring and throws when it does not work, naming why.
+ * worker thread, measured 3-10x slower than preadv there, so "auto" picks preadv. "vmcopy" (one
+ * process_vm_readv/writev per kick through a mapping of the file, blk_vmcopy.ts) is opt-in: on
+ * tmpfs it measured within a few percent of preadv, since the 4 KiB copies and page walks cost
+ * more than the system calls it saves. "uring" and "vmcopy" force that engine and throw when it
+ * does not work here, naming why.
  * @example
  * const engine = createEngine(file, reactor, { engine: "auto" });
  * console.log(engine.name); // "io_uring" or "preadv"
@@ -130,8 +137,11 @@ export function createEngine(
 ): BlkIoEngine {
   const kind = options.engine ?? "auto";
   if (kind === "preadv") return new SyncEngine(file);
+  if (kind === "vmcopy") return VmCopyEngine.open(file);
   if (kind !== "auto" && kind !== "uring") {
-    throw new RangeError(`block I/O engine must be auto, uring or preadv: got ${JSON.stringify(kind)}`);
+    throw new RangeError(
+      `block I/O engine must be auto, uring, vmcopy or preadv: got ${JSON.stringify(kind)}`,
+    );
   }
   const probe = probeIoUring();
   if (!probe.ok) {

@@ -294,7 +294,7 @@ Deno.test("createEngine picks io_uring for auto (nowait files) and uring, preadv
   sync.close();
   assert.throws(
     () => createEngine(file, reactor, { engine: "aio" as "auto" }),
-    /engine must be auto, uring or preadv: got "aio"/,
+    /engine must be auto, uring, vmcopy or preadv: got "aio"/,
   );
 });
 

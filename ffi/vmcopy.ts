@@ -1,0 +1,90 @@
+/**
+ * Memory-to-memory copies inside this process with process_vm_readv/process_vm_writev on our own
+ * pid: one system call moves up to IOV_MAX iovecs on each side, and a fault on the "remote" side
+ * (a file mapping whose file was truncated, a tmpfs page that cannot be allocated) comes back as
+ * EFAULT or a short count instead of SIGBUS. The block device uses it to copy a whole kick between
+ * guest memory and a mapping of the backing file.
+ * @module
+ */
+import { addressOf, libc } from "./_libc.ts";
+import { check, ErrnoError, lastErrno } from "./errno.ts";
+import { OpenFlags, type OwnedFd } from "./fd.ts";
+import type { IoVecs } from "./iovec.ts";
+
+const F_GETFL = 3;
+
+let selfPid = 0;
+function pid(): number {
+  if (selfPid === 0) selfPid = libc.getpid();
+  return selfPid;
+}
+
+function call(name: "process_vm_readv" | "process_vm_writev", local: IoVecs, remote: IoVecs): number {
+  const fn = name === "process_vm_readv" ? libc.process_vm_readv : libc.process_vm_writev;
+  const n = fn(pid(), local.unsafeBuffer, BigInt(local.count), remote.unsafeBuffer, BigInt(remote.count), 0n);
+  if (n === -1n) {
+    throw new ErrnoError(name, lastErrno(), `${local.count} local / ${remote.count} remote iovecs`);
+  }
+  return Number(n);
+}
+
+/**
+ * Copies the bytes `remote` describes into the buffers `local` describes (process_vm_readv on our
+ * own pid). Both must describe memory of this process. Returns the bytes copied, short when a page
+ * of `remote` (or `local`) faulted after some bytes were copied; throws ErrnoError (EFAULT when
+ * the very first page faulted).
+ * @example
+ * const n = vmReadSelf(guestBuffers, fileRanges);
+ */
+export function vmReadSelf(local: IoVecs, remote: IoVecs): number {
+  return call("process_vm_readv", local, remote);
+}
+
+/**
+ * Copies the bytes `local` describes into the memory `remote` describes (process_vm_writev on our
+ * own pid). Returns the bytes copied (short on a fault); throws ErrnoError.
+ * @example
+ * const n = vmWriteSelf(guestBuffers, fileRanges);
+ */
+export function vmWriteSelf(local: IoVecs, remote: IoVecs): number {
+  return call("process_vm_writev", local, remote);
+}
+
+/** What probeVmCopy() found. */
+export type VmCopyProbe = { ok: true } | { ok: false; reason: string; errno?: number };
+
+let probed: VmCopyProbe | undefined;
+
+/**
+ * Whether process_vm_readv on our own pid works here (seccomp can refuse it with EPERM, old
+ * kernels with ENOSYS): copies 8 bytes between two buffers and checks them. Cached.
+ * @example
+ * if (!probeVmCopy().ok) console.log("falling back to preadv");
+ */
+export function probeVmCopy(): VmCopyProbe {
+  if (probed) return probed;
+  const src = new Uint8Array([1, 2, 3, 4, 5, 6, 7, 8]);
+  const dst = new Uint8Array(8);
+  const local = new BigUint64Array([addressOf(dst), 8n]);
+  const remote = new BigUint64Array([addressOf(src), 8n]);
+  const n = libc.process_vm_readv(pid(), local, 1n, remote, 1n, 0n);
+  if (n === -1n) {
+    const e = new ErrnoError("process_vm_readv", lastErrno(), "of our own pid");
+    probed = { ok: false, reason: e.message, errno: e.errno };
+  } else if (n !== 8n || dst.some((b, i) => b !== src[i])) {
+    probed = { ok: false, reason: `process_vm_readv of our own pid copied ${n} bytes wrongly: expected 8` };
+  } else {
+    probed = { ok: true };
+  }
+  return probed;
+}
+
+/**
+ * Whether `fd` was opened with O_DIRECT (fcntl F_GETFL): such a file must not be read through a
+ * mapping (the page cache), which would mix cached and direct I/O.
+ * @example
+ * if (isDirectIo(file)) useSyncEngine();
+ */
+export function isDirectIo(fd: OwnedFd): boolean {
+  return (check("fcntl(F_GETFL)", libc.fcntl(fd.unsafeFd, F_GETFL, 0), fd.label) & OpenFlags.O_DIRECT) !== 0;
+}
