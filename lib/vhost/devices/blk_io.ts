@@ -123,9 +123,9 @@ export interface CreateEngineOptions {
  * Otherwise (tmpfs such as /dev/shm on Linux 6.x) io_uring would hand every request to a kernel
  * worker thread, measured 3-10x slower than preadv there, so "auto" picks preadv. "vmcopy" (one
  * process_vm_readv/writev per kick through a mapping of the file, blk_vmcopy.ts) is opt-in: on
- * tmpfs it measured within a few percent of preadv, since the 4 KiB copies and page walks cost
- * more than the system calls it saves. "uring" and "vmcopy" force that engine and throw when it
- * does not work here, naming why.
+ * tmpfs it measured only ~10% above preadv (the 4 KiB copies and page walks cost more than the
+ * system calls it saves) and its reads allocate the holes of a sparse file. "uring" and "vmcopy"
+ * force that engine and throw when it does not work here, naming why.
  * @example
  * const engine = createEngine(file, reactor, { engine: "auto" });
  * console.log(engine.name); // "io_uring" or "preadv"

@@ -220,3 +220,17 @@ Deno.test("createEngine builds vmcopy only on request; auto never picks it", () 
   using empty = memfdCreate("empty");
   assert.throws(() => createEngine(empty, reactor, { engine: "vmcopy" }), /0 bytes: expected a non-zero/);
 });
+
+Deno.test("VmCopyEngine reads holes of a sparse file as zeros", () => {
+  const fx = new Fixture(64 * 1024, 64 * 1024);
+  const engine = VmCopyEngine.open(fx.file);
+  try {
+    fx.mem.bytes.fill(0xee);
+    assert.deepEqual(run(engine, [{ op: "read", offset: 8192, iov: fx.iov(0, 16384, 3) }]), [16384]);
+    assert.deepEqual(fx.mem.bytes.slice(0, 16384), new Uint8Array(16384));
+    assert.equal(fx.mem.bytes[16384], 0xee, "nothing past the request");
+  } finally {
+    engine.close();
+    fx.close();
+  }
+});
