@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { pattern } from "../tests/helpers/pattern.ts";
 import {
   CQE,
   IO_URING_PARAMS,
@@ -14,18 +15,6 @@ import { ftruncate, mapShared, memfdCreate, mkstempIn } from "./memory.ts";
 import { OpenFlags, openPath, ownedFdCount } from "./fd.ts";
 import { unlinkPath } from "./socket.ts";
 import { ErrnoError } from "./errno.ts";
-
-function pattern(n: number, seed: number): Uint8Array {
-  const out = new Uint8Array(n);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
-  return out;
-}
 
 function reapAll(ring: IoUring): Map<number, number> {
   const out = new Map<number, number>();

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { pattern } from "../tests/helpers/pattern.ts";
 import {
   Errno,
   ErrnoError,
@@ -15,18 +16,6 @@ import {
   vmReadSelf,
   vmWriteSelf,
 } from "./mod.ts";
-
-function pattern(n: number, seed: number): Uint8Array {
-  const out = new Uint8Array(n);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
-  return out;
-}
 
 Deno.test("probeVmCopy reports that process_vm_readv of our own pid works here", () => {
   assert.deepEqual(probeVmCopy(), { ok: true });

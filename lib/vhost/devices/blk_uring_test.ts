@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { pattern } from "../../../tests/helpers/pattern.ts";
 import {
   ftruncate,
   IoVecs,
@@ -17,18 +18,6 @@ import {
 } from "../../../ffi/mod.ts";
 import { type BlkIoEngine, type BlkIoRequest, createEngine, SyncEngine } from "./blk_io.ts";
 import { UringEngine } from "./blk_uring.ts";
-
-function pattern(n: number, seed: number): Uint8Array {
-  const out = new Uint8Array(n);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
-  return out;
-}
 
 /** A running reactor, a temp file and memfd "guest memory"; everything released by close(). */
 class Fixture {
