@@ -35,6 +35,27 @@ async function startVm(dir: string, extra: Record<string, unknown> = {}): Promis
   return run;
 }
 
+/** The firmware VM plus an `mpq vhost blk` disk and an `mpq ivshmem` server: 4 processes, running. */
+async function startFullVm(dir: string): Promise<MpqRun> {
+  const disk = `${dir}/disk.img`;
+  Deno.writeFileSync(disk, new Uint8Array(1024 * 1024));
+  const run = MpqRun.start([
+    "orchestrate",
+    writeTopology(
+      dir,
+      firmwareVm(dir, {
+        devices: [
+          { type: "remote", id: "lsi0", device: "lsi53c895a" },
+          { type: "vhost-user-blk", id: "vblk0", backend: { mpq: { file: disk } } },
+          { type: "ivshmem", id: "ivs0", server: { mpq: { size: "1M" } } },
+        ],
+      }),
+    ),
+  ]);
+  await run.waitFor(/\] running +4 processes/);
+  return run;
+}
+
 function runtimeDirOf(run: MpqRun): string {
   const m = run.stdout.match(/mpq qmp (\S+)\/qmp-operator\.sock/);
   assert.ok(m, run.report());
@@ -116,20 +137,7 @@ Deno.test({
   ignore,
   async fn() {
     using dir = tempDir("mpq-faults-");
-    const disk = `${dir.path}/disk.img`;
-    Deno.writeFileSync(disk, new Uint8Array(1024 * 1024));
-    const topo = writeTopology(
-      dir.path,
-      firmwareVm(dir.path, {
-        devices: [
-          { type: "remote", id: "lsi0", device: "lsi53c895a" },
-          { type: "vhost-user-blk", id: "vblk0", backend: { mpq: { file: disk } } },
-          { type: "ivshmem", id: "ivs0", server: { mpq: { size: "1M" } } },
-        ],
-      }),
-    );
-    await using run = MpqRun.start(["orchestrate", topo]);
-    await run.waitFor(/\] running +4 processes/);
+    await using run = await startFullVm(dir.path);
     const runtime = run.stdout.match(/mpq qmp (\S+)\/qmp-operator\.sock/)![1];
     const mpqFds = fdTable(run.child.pid);
     const tables = new Map([...run.pids].map(([name, pid]) => [name, fdTable(pid)]));
@@ -209,20 +217,7 @@ for (const victim of ["vhost vblk0", "ivshmem ivs0"]) {
     ignore,
     async fn() {
       using dir = tempDir("mpq-faults-");
-      const disk = `${dir.path}/disk.img`;
-      Deno.writeFileSync(disk, new Uint8Array(1024 * 1024));
-      const topo = writeTopology(
-        dir.path,
-        firmwareVm(dir.path, {
-          devices: [
-            { type: "remote", id: "lsi0", device: "lsi53c895a" },
-            { type: "vhost-user-blk", id: "vblk0", backend: { mpq: { file: disk } } },
-            { type: "ivshmem", id: "ivs0", server: { mpq: { size: "1M" } } },
-          ],
-        }),
-      );
-      await using run = MpqRun.start(["orchestrate", topo]);
-      await run.waitFor(/\] running +4 processes/);
+      await using run = await startFullVm(dir.path);
       const pid = run.pids.get(victim)!;
       Deno.kill(pid, "SIGKILL");
       const st = await run.status();
@@ -241,20 +236,7 @@ Deno.test({
   ignore,
   async fn() {
     using dir = tempDir("mpq-faults-");
-    const disk = `${dir.path}/disk.img`;
-    Deno.writeFileSync(disk, new Uint8Array(1024 * 1024));
-    const topo = writeTopology(
-      dir.path,
-      firmwareVm(dir.path, {
-        devices: [
-          { type: "remote", id: "lsi0", device: "lsi53c895a" },
-          { type: "vhost-user-blk", id: "vblk0", backend: { mpq: { file: disk } } },
-          { type: "ivshmem", id: "ivs0", server: { mpq: { size: "1M" } } },
-        ],
-      }),
-    );
-    await using run = MpqRun.start(["orchestrate", topo]);
-    await run.waitFor(/\] running +4 processes/);
+    await using run = await startFullVm(dir.path);
     const pids = [...run.pids.values()];
     assert.equal(pids.length, 4);
     run.child.kill("SIGKILL");
