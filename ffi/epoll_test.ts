@@ -171,3 +171,37 @@ for (const wake of ["socket", "thread"] as const) {
     }
   });
 }
+
+Deno.test("Reactor busy-polling: pollers run back to back, fd events and timers still get through", async () => {
+  using reactor = new Reactor();
+  const ev = new EventFd({ label: "poll test" });
+  try {
+    let polls = 0;
+    let events = 0;
+    let timerFired = false;
+    // A poller that always reports work keeps the reactor awake for the whole test.
+    const remove = reactor.addPoller(() => {
+      polls++;
+      return true;
+    });
+    reactor.add(ev.fd, { readable: true }, () => {
+      ev.drain();
+      events++;
+    });
+    setTimeout(() => {
+      timerFired = true;
+      ev.signal();
+    }, 20);
+    setTimeout(() => reactor.stop(), 60);
+    const t0 = performance.now();
+    await reactor.run();
+    const ms = performance.now() - t0;
+    remove();
+    assert.equal(timerFired, true, "timers run while busy");
+    assert.equal(events, 1, "an fd event is seen while busy");
+    assert.ok(ms < 1000, `stop() was seen promptly (${ms.toFixed(0)} ms)`);
+    assert.ok(polls > 1000, `the poller ran back to back (${polls} times in ${ms.toFixed(0)} ms)`);
+  } finally {
+    ev.close();
+  }
+});
