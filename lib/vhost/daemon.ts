@@ -9,12 +9,19 @@ import type { VhostUserDevice } from "./backend.ts";
 import { VhostUserConnection } from "./connection.ts";
 import { VhostUserHandler } from "./handler.ts";
 import { Metrics, MetricsServer } from "./metrics.ts";
+import { PollWindow } from "./poll_window.ts";
+
+/** Default largest busy-poll window (µs), QEMU's IOThread default poll-max-ns. */
+export const DEFAULT_POLL_US = 32;
 
 /** Options of a daemon. */
 export interface DaemonOptions {
   /** Serve Prometheus text on this UNIX socket path. */
   metricsPath?: string;
-  /** Busy-poll the avail rings for this many microseconds after the last work (0: off). */
+  /**
+   * Largest adaptive busy-poll window (µs) after the last request (default DEFAULT_POLL_US; 0 turns
+   * polling off). The window adapts to the driver: see PollWindow.
+   */
   pollUs?: number;
   /** Diagnostics (default console.error). */
   log?: (line: string) => void;
@@ -41,7 +48,7 @@ export class VhostUserDaemon {
   #handler: VhostUserHandler | null = null;
   #metricsServer: MetricsServer | null = null;
   #removePoller: (() => void) | null = null;
-  #lastWork = 0;
+  readonly #window: PollWindow | null;
 
   constructor(device: VhostUserDevice, listener: UnixListener | null, options: DaemonOptions = {}) {
     this.device = device;
@@ -57,7 +64,9 @@ export class VhostUserDaemon {
       });
     }
     this.#watchListener();
-    if ((options.pollUs ?? 0) > 0) this.#removePoller = this.reactor.addPoller(() => this.#poll());
+    const maxUs = options.pollUs ?? DEFAULT_POLL_US;
+    this.#window = maxUs > 0 ? new PollWindow(maxUs) : null;
+    if (this.#window) this.#removePoller = this.reactor.addPoller(() => this.#poll());
     if (options.signals) {
       this.reactor.onSignal("SIGTERM", () => this.stop());
       this.reactor.onSignal("SIGINT", () => this.stop());
@@ -90,14 +99,17 @@ export class VhostUserDaemon {
     this.#listenWatch?.remove();
     this.#listenWatch = null;
     this.metrics.connections++;
-    const polling = (this.#opts.pollUs ?? 0) > 0;
+    const window = this.#window;
     const handler = new VhostUserHandler(this.device, { reactor: this.reactor, metrics: this.metrics }, {
       log: this.#log,
-      // While busy-polling, a kick starts the poll window and further kicks are suppressed.
-      onKick: polling
+      // With polling, a kick ends a sleep (the window adapts to how long it was), starts a poll
+      // window, and further kicks are suppressed until the window runs out.
+      onKick: window
         ? (q) => {
           if (q.ready) q.suppressNotification();
-          this.#lastWork = performance.now();
+          const now = performance.now();
+          window.woken(now);
+          window.work(now);
         }
         : undefined,
     });
@@ -115,33 +127,46 @@ export class VhostUserDaemon {
     });
   }
 
+  /** The adaptive busy-poll window (null when polling is off). */
+  get pollWindow(): PollWindow | null {
+    return this.#window;
+  }
+
   /**
-   * Busy-polling: serve rings that have buffers without waiting for kicks (which are suppressed
-   * meanwhile); after pollUs without work, ask for kicks again and let the reactor sleep.
+   * Busy-polling (a reactor poller): while the window is open, serve rings that have buffers
+   * without waiting for kicks (suppressed meanwhile); when it closes, ask for kicks again and let
+   * the reactor sleep.
    */
   #poll(): boolean {
     const h = this.#handler;
+    const w = this.#window!;
     if (!h) return false;
     let worked = false;
-    for (const q of h.queues) {
-      if (q.ready && q.hasWork()) {
-        q.suppressNotification();
-        h.process(q);
-        worked = true;
-      }
-    }
-    const now = performance.now();
-    if (worked) this.#lastWork = now;
-    const polling = (now - this.#lastWork) * 1000 < (this.#opts.pollUs ?? 0);
-    if (!polling) {
+    if (!w.asleep) {
       for (const q of h.queues) {
-        if (q.suppressed && q.resumeNotification() && q.ready) {
+        if (q.ready && q.hasWork()) {
+          q.suppressNotification();
           h.process(q);
           worked = true;
         }
       }
     }
-    return worked || polling;
+    const now = performance.now();
+    if (worked) {
+      w.work(now);
+      return true;
+    }
+    if (w.keepPolling(now)) return true;
+    for (const q of h.queues) {
+      // Buffers that raced in while kicks were off: serve them and keep polling.
+      if (q.suppressed && q.resumeNotification() && q.ready) {
+        q.suppressNotification();
+        h.process(q);
+        worked = true;
+      }
+    }
+    if (worked) w.work(now);
+    return worked;
   }
 
   /** Runs until stop(). */

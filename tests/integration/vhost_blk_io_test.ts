@@ -261,3 +261,51 @@ Deno.test("vhost blk stopped rings hold requests until the next start (vm stop /
     assert.deepEqual(await fe.stop(), [2]);
   });
 });
+
+for (const eventIdx of [true, false]) {
+  Deno.test(`vhost blk busy-polls: once the window has grown, requests need no kick (${eventIdx ? "EVENT_IDX" : "NO_NOTIFY flag"})`, async () => {
+    // A 2 s maximum: every kick comes well within it, so the window doubles from 4 µs on each
+    // wake-up until it covers the driver's pace, after which the driver is told not to kick.
+    await withMpqBlk(["--poll-us=2000000"], async (fe, file) => {
+      await fe.handshake();
+      await fe.start();
+      const q = fe.queues[0];
+      // Each kick that ends a sleep doubles the window (4 µs · 2^19 > 2 s), so at most ~20 kicks
+      // are needed before a run of requests goes through with none.
+      let quiet = 0;
+      let n = 0;
+      const kicks0 = q.kicks;
+      for (; n < 200 && quiet < 30; n++) {
+        const kicks = q.kicks;
+        const r = await fe.blkRead(n * 8, 4096);
+        assert.equal(r.status, Blk.S_OK);
+        assert.deepEqual(r.data, readFileRange(file, n * 8 * 512, 4096));
+        quiet = q.kicks === kicks ? quiet + 1 : 0;
+      }
+      assert.equal(quiet, 30, `30 requests in a row without a kick within 200 (${q.kicks - kicks0} kicks)`);
+      assert.ok(q.kicks - kicks0 <= 21, `the window grew with each wake-up: ${q.kicks - kicks0} kicks`);
+      assert.deepEqual(await fe.stop(), [q.ring.availIdx]);
+    }, { eventIdx });
+  });
+}
+
+Deno.test("vhost blk --poll-us=0 serves requests with kicks on: avail_event follows every request", async () => {
+  await withMpqBlk(["--poll-us=0"], async (fe, file) => {
+    await fe.handshake();
+    await fe.start();
+    const ring = fe.queues[0].ring;
+    for (let i = 0; i < 30; i++) {
+      const r = await fe.blkRead(i * 8, 4096);
+      assert.equal(r.status, Blk.S_OK);
+      assert.deepEqual(r.data, readFileRange(file, i * 8 * 512, 4096));
+      // EVENT_IDX: avail_event = the next avail index, set once the request was served (the
+      // device may still be finishing that when the completion arrives: give it a moment).
+      const deadline = performance.now() + 2000;
+      while (ring.availEvent() !== ring.availIdx && performance.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 1));
+      }
+      assert.equal(ring.availEvent(), ring.availIdx, `request ${i}: the device asks for a kick`);
+    }
+    assert.deepEqual(await fe.stop(), [ring.availIdx]);
+  }, { eventIdx: true });
+});
