@@ -42,6 +42,8 @@ export const SYMBOLS = {
   fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
   // int ftruncate(int fd, off_t length);
   ftruncate: { parameters: ["i32", "i64"], result: "i32" },
+  // int fstatfs(int fd, struct statfs *buf);
+  fstatfs: { parameters: ["i32", "buffer"], result: "i32" },
   // int fstat(int fd, struct stat *statbuf);
   fstat: { parameters: ["i32", "buffer"], result: "i32" },
   // int fchmod(int fd, mode_t mode);

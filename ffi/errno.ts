@@ -87,6 +87,7 @@ export const Errno = {
   ESRCH: 3,
   EINTR: 4,
   EIO: 5,
+  ENXIO: 6,
   EBADF: 9,
   ECHILD: 10,
   EAGAIN: 11,

@@ -1,6 +1,7 @@
 /**
  * File I/O for block back-ends: preadv/pwritev straight into mapped memory, fdatasync, fallocate
- * (punch hole, zero range) and the size of a file or block device.
+ * (punch hole, zero range), the size of a file or block device, its data extents (SEEK_DATA /
+ * SEEK_HOLE) and its file system type.
  * @module
  */
 import { libc } from "./_libc.ts";
@@ -65,4 +66,53 @@ export function deviceSize(fd: OwnedFd): { size: number; blockDevice: boolean } 
   const out = new BigUint64Array(1);
   check("ioctl(BLKGETSIZE64)", libc.ioctl(fd.unsafeFd, BLKGETSIZE64, new Uint8Array(out.buffer)), fd.label);
   return { size: Number(out[0]), blockDevice: true };
+}
+
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+
+/**
+ * The data extents of `fd` below `size` as [start, end) byte pairs, from lseek(SEEK_DATA /
+ * SEEK_HOLE); null when there are more than `limit` of them. A file system without hole support
+ * reports one extent covering the whole file.
+ * @example
+ * const extents = dataExtents(file, size, 4096); // [[0, 65536], [1048576, 2097152]]
+ */
+export function dataExtents(fd: OwnedFd, size: number, limit: number): Array<[number, number]> | null {
+  const out: Array<[number, number]> = [];
+  let pos = 0;
+  while (pos < size) {
+    const data = seek(fd, pos, SEEK_DATA, "lseek(SEEK_DATA)");
+    if (data < 0 || data >= size) break;
+    const hole = seek(fd, data, SEEK_HOLE, "lseek(SEEK_HOLE)");
+    const end = hole < 0 ? size : Math.min(hole, size);
+    if (out.length === limit) return null;
+    out.push([data, end]);
+    pos = end;
+  }
+  return out;
+}
+
+/** lseek(2); -1 for ENXIO (no data / hole at or after `offset`). */
+function seek(fd: OwnedFd, offset: number, whence: number, what: string): number {
+  const r = libc.lseek(fd.unsafeFd, BigInt(offset), whence);
+  if (r >= 0n) return Number(r);
+  const e = lastErrno();
+  if (e === Errno.ENXIO) return -1;
+  throw new ErrnoError(what, e, `${fd.label} at ${offset}`);
+}
+
+/** statfs f_type of tmpfs (and /dev/shm, memfd). */
+export const TMPFS_MAGIC = 0x01021994;
+
+/**
+ * The f_type of the file system holding `fd` (fstatfs(2)): TMPFS_MAGIC, EXT4_SUPER_MAGIC...
+ * @example
+ * if (fileSystemType(file) === TMPFS_MAGIC) console.log("tmpfs");
+ */
+export function fileSystemType(fd: OwnedFd): number {
+  // struct statfs is 120 bytes on x86_64; f_type (__fsword_t, a long) comes first.
+  const buf = new BigInt64Array(15);
+  check("fstatfs", libc.fstatfs(fd.unsafeFd, new Uint8Array(buf.buffer)), fd.label);
+  return Number(buf[0]);
 }

@@ -42,7 +42,17 @@ export {
   probeIoUring,
   supportsNowait,
 } from "./io_uring.ts";
-export { deviceSize, fdatasync, preadv, punchHole, pwritev, zeroRange } from "./file.ts";
+export {
+  dataExtents,
+  deviceSize,
+  fdatasync,
+  fileSystemType,
+  preadv,
+  punchHole,
+  pwritev,
+  TMPFS_MAGIC,
+  zeroRange,
+} from "./file.ts";
 export {
   type Interest,
   Reactor,
