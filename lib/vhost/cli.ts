@@ -15,7 +15,7 @@ import {
 } from "../../ffi/mod.ts";
 import { InputError, UsageError } from "../cli/errors.ts";
 import type { VhostUserDevice } from "./backend.ts";
-import { VhostUserDaemon } from "./daemon.ts";
+import { DEFAULT_POLL_US, VhostUserDaemon } from "./daemon.ts";
 import { BlkDevice, type EngineChoice, openBlkFile } from "./devices/blk.ts";
 import { RngDevice } from "./devices/rng.ts";
 
@@ -24,7 +24,8 @@ const COMMON = `  --socket-path=PATH      listen on this UNIX socket path
                           (with neither, systemd socket activation: LISTEN_PID/LISTEN_FDS, fd 3)
   --print-capabilities    print the vhost-user.json capabilities and exit
   --metrics=PATH          serve Prometheus metrics on this UNIX socket (SIGUSR1 logs a summary)
-  --poll-us=N             busy-poll the rings for N microseconds after the last request
+  --poll-us=N             busy-poll the rings after the last request, for an adaptive window of
+                          at most N microseconds (default 32, as QEMU IOThreads; 0: never poll)
   -h, --help              this text`;
 
 /** Usage of `mpq vhost`. */
@@ -155,7 +156,7 @@ export async function main(args: string[]): Promise<number> {
     return 0;
   }
   const str = (k: string) => v[k] as string | undefined;
-  const pollUs = intArg("poll-us", str("poll-us"), 0, 10_000_000) ?? 0;
+  const pollUs = intArg("poll-us", str("poll-us"), 0, 10_000_000) ?? DEFAULT_POLL_US;
   let device: VhostUserDevice;
   if (kind === "blk") {
     const file = str("blk-file");
@@ -209,6 +210,15 @@ export async function main(args: string[]): Promise<number> {
     l.close();
     device.close();
     throw new InputError(`${(e as Error).message}`);
+  }
+  if (device instanceof BlkDevice) {
+    console.error(
+      `mpq vhost blk: ${str("blk-file")}, ${device.size} bytes, ${
+        device.writeback ? "writeback" : "writethrough"
+      }` +
+        `, engine ${device.engine} (${device.engineReason}), ` +
+        `polling ${pollUs > 0 ? `adaptive up to ${pollUs} µs` : "off"}`,
+    );
   }
   console.error(`mpq vhost ${kind}: listening on ${l.path ?? `fd ${str("fd") ?? 3}`}`);
   try {

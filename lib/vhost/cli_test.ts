@@ -179,3 +179,33 @@ Deno.test("vhost cli --metrics serves Prometheus text and SIGUSR1 logs a summary
     Deno.removeSync(dir, { recursive: true });
   }
 });
+
+Deno.test("vhost blk logs its engine choice: vmcopy on /dev/shm, io_uring or preadv elsewhere, with the reason", async () => {
+  for (const where of ["/dev/shm", "."]) {
+    const dir = Deno.makeTempDirSync({ dir: where, prefix: ".mpq-vhost-engine-" });
+    const img = `${dir}/disk.img`;
+    Deno.writeFileSync(img, new Uint8Array(1 << 20));
+    const sock = `${dir}/blk.sock`;
+    const [exe, ...pre] = selfCommand();
+    const child = new Deno.Command(exe, {
+      args: [...pre, "vhost", "blk", `--blk-file=${img}`, `--socket-path=${sock}`, "--poll-us=0"],
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    try {
+      await waitFor(() => exists(sock), "the socket");
+      child.kill("SIGTERM");
+      const err = new TextDecoder().decode((await child.output()).stderr);
+      const line = err.split("\n").find((l) => l.includes(" engine ")) ?? err;
+      assert.match(line, new RegExp(`^mpq vhost blk: ${img}, 1048576 bytes, writethrough, engine `));
+      assert.match(line, /polling off$/);
+      if (where === "/dev/shm") assert.match(line, /engine vmcopy \(tmpfs file, /);
+      else assert.match(line, /engine (uring \(io_uring works|preadv \()/);
+    } finally {
+      try {
+        child.kill("SIGKILL");
+      } catch { /* exited */ }
+      Deno.removeSync(dir, { recursive: true });
+    }
+  }
+});

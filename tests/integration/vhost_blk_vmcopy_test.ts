@@ -4,8 +4,14 @@
  * pread/pwrite of the file and with discard (punched holes read back as zeros through the mapping).
  */
 import assert from "node:assert/strict";
-import { Blk } from "../helpers/vhost_frontend.ts";
-import { MPQ_BLK_DISK, patternBytes, readFileRange, withMpqBlk } from "../helpers/vhost_backends.ts";
+import { Blk, VhostUserFrontend } from "../helpers/vhost_frontend.ts";
+import {
+  MPQ_BLK_DISK,
+  patternBytes,
+  readFileRange,
+  startMpqVhost,
+  withMpqBlk,
+} from "../helpers/vhost_backends.ts";
 
 const DISK = MPQ_BLK_DISK;
 
@@ -48,3 +54,60 @@ for (const mode of ["writethrough", "writeback"]) {
     });
   });
 }
+
+/** st_blocks of `path` in bytes (what the file really occupies). */
+function allocatedBytes(path: string): number {
+  return (Deno.statSync(path).blocks ?? NaN) * 512;
+}
+
+Deno.test("vhost blk on a sparse /dev/shm file: auto picks vmcopy, holes stay unallocated through reads, writes and discards", async () => {
+  const dir = await Deno.makeTempDir({ dir: "/dev/shm", prefix: "mpq-vmcopy-sparse-" });
+  const file = `${dir}/disk.img`;
+  const size = 16 << 20;
+  const data = patternBytes(64 << 10, 9);
+  {
+    using f = await Deno.open(file, { create: true, write: true });
+    await f.truncate(size);
+    await f.seek(4 << 20, Deno.SeekMode.Start);
+    await f.write(data); // one 64 KiB extent at 4 MiB, the rest holes
+  }
+  const be = await startMpqVhost("blk", `${dir}/blk.sock`, { args: [`--blk-file=${file}`] });
+  try {
+    await using fe = await VhostUserFrontend.connect(be.socketPath, { eventIdx: true });
+    await fe.handshake();
+    await fe.start();
+    assert.equal(allocatedBytes(file), 64 << 10);
+    // Reads over holes, over the data, and straddling both: right bytes, nothing allocated.
+    const reads = await Promise.all([
+      fe.blkRead(0, 65536),
+      fe.blkRead((4 << 20) / 512, 65536),
+      fe.blkRead((4 << 20) / 512 - 8, 8192),
+      fe.blkRead((8 << 20) / 512, 4096),
+    ]);
+    for (const r of reads) assert.equal(r.status, Blk.S_OK);
+    assert.deepEqual(reads[0].data, new Uint8Array(65536));
+    assert.deepEqual(reads[1].data, data);
+    assert.deepEqual(reads[2].data.subarray(0, 4096), new Uint8Array(4096));
+    assert.deepEqual(reads[2].data.subarray(4096), data.subarray(0, 4096));
+    assert.equal(allocatedBytes(file), 64 << 10, "reading holes allocated nothing");
+    // A write fills one page; reading it back (through the mapping now) allocates nothing more.
+    const w = patternBytes(4096, 10);
+    assert.equal((await fe.blkWrite((10 << 20) / 512, w)).status, Blk.S_OK);
+    assert.equal(allocatedBytes(file), (64 << 10) + 4096);
+    assert.deepEqual((await fe.blkRead((10 << 20) / 512, 4096)).data, w);
+    assert.deepEqual(readFileRange(file, 10 << 20, 4096), w);
+    // Discard the data extent: it is a hole again and reads of it allocate nothing.
+    assert.equal(
+      (await fe.blkRanges(Blk.T_DISCARD, [{ sector: (4 << 20) / 512, sectors: 128 }])).status,
+      Blk.S_OK,
+    );
+    assert.equal(allocatedBytes(file), 4096);
+    const again = await fe.blkRead((4 << 20) / 512, 65536);
+    assert.deepEqual(again.data, new Uint8Array(65536));
+    assert.equal(allocatedBytes(file), 4096, "reading a discarded range allocated nothing");
+    await fe.stop();
+  } finally {
+    await be.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -23,7 +23,14 @@ import type { GuestRegion } from "../guest_memory.ts";
 import { bit, MAX_CONFIG_SIZE } from "../message.ts";
 import type { QueueMetrics } from "../metrics.ts";
 import { DescriptorChain, type VirtQueue, VirtqueueError } from "../virtqueue.ts";
-import { type BlkIoEngine, type BlkIoRequest, createEngine as createIoEngine } from "./blk_io.ts";
+import {
+  type BlkIoEngine,
+  type BlkIoRequest,
+  chooseEngine,
+  createEngine as createIoEngine,
+  type CreateEngineOptions,
+} from "./blk_io.ts";
+import { VmCopyFile } from "./blk_vmcopy.ts";
 
 /** virtio-blk feature bits. */
 export const BlkFeature = {
@@ -87,15 +94,11 @@ const STOP_TIMEOUT_MS = 5000;
 export type EngineChoice = "auto" | "uring" | "vmcopy" | "preadv";
 
 /** Options for the engine factory. */
-export interface EngineOptions {
-  engine?: EngineChoice;
-  /** Queue depth the engine should size itself for (the virtqueue size). */
-  depth?: number;
-}
+export type EngineOptions = CreateEngineOptions;
 
 /**
- * The one place an I/O engine is chosen (blk_io.ts createEngine): "auto" uses io_uring when it
- * works and the file supports nowait I/O, else preadv.
+ * The one place an I/O engine is built (blk_io.ts createEngine; "auto" resolves with chooseEngine:
+ * io_uring for files with nowait I/O, vmcopy for tmpfs, else preadv).
  * @example
  * const engine = createEngine(file, reactor, { engine: "auto" });
  */
@@ -359,7 +362,11 @@ export class BlkDevice implements VhostUserDevice {
   writeback: boolean;
   readonly #file: OwnedFd;
   readonly #serial: Uint8Array;
-  readonly #engineChoice: EngineChoice;
+  /** The engine every queue uses ("auto" resolved at construction) and why it was chosen. */
+  readonly engine: "uring" | "vmcopy" | "preadv";
+  readonly engineReason: string;
+  /** vmcopy: the mapping and allocation map all queues share. */
+  readonly #vm: VmCopyFile | null = null;
   readonly #queues: (BlkQueue | undefined)[] = [];
   readonly #chain = new DescriptorChain();
   readonly #scratch = new Uint8Array(16 * MAX_DWZ_SEGS);
@@ -373,7 +380,22 @@ export class BlkDevice implements VhostUserDevice {
     this.blkSize = options.blkSize ?? 512;
     this.numQueues = options.numQueues ?? 1;
     this.writeback = options.writeback ?? false;
-    this.#engineChoice = options.engine ?? "auto";
+    const choice = options.engine ?? "auto";
+    if (choice === "auto") {
+      const { kind, reason } = chooseEngine(file);
+      this.engine = kind;
+      this.engineReason = reason;
+    } else {
+      this.engine = choice;
+      this.engineReason = `--engine=${choice}`;
+    }
+    if (this.engine === "vmcopy") {
+      try {
+        this.#vm = VmCopyFile.open(file);
+      } catch (e) {
+        throw new InputError(`--engine vmcopy: ${(e as Error).message}`);
+      }
+    }
     const serial = new TextEncoder().encode(options.serial ?? "");
     if (serial.byteLength > ID_BYTES) {
       throw new RangeError(`--serial must be at most ${ID_BYTES} bytes: got ${serial.byteLength}`);
@@ -439,7 +461,12 @@ export class BlkDevice implements VhostUserDevice {
   startQueue(vq: VirtQueue, ctx: DeviceContext): void {
     let q = this.#queues[vq.index];
     if (!q) {
-      const engine = createEngine(this.#file, ctx.reactor, { engine: this.#engineChoice, depth: vq.size });
+      const vm = this.#vm;
+      const engine = createEngine(this.#file, ctx.reactor, {
+        engine: this.engine,
+        depth: vq.size,
+        vmFile: vm ? () => vm : undefined,
+      });
       q = new BlkQueue(this, vq, engine, ctx.metrics.queue(vq.index));
       q.removePoller = ctx.reactor.addPoller(q.poll);
       this.#queues[vq.index] = q;
@@ -673,6 +700,8 @@ export class BlkDevice implements VhostUserDevice {
 
   /** Discards or zeroes one range; false on failure. */
   #deallocate(type: number, flags: number, off: number, len: number): boolean {
+    // Before the call: even a failed one may have freed part of the range.
+    this.#vm?.deallocated(off, len);
     try {
       if (type === BlkType.DISCARD || (flags & 1)) punchHole(this.#file, off, len);
       else zeroRange(this.#file, off, len);
@@ -696,6 +725,7 @@ export class BlkDevice implements VhostUserDevice {
       q?.engine.close();
     }
     this.#queues.length = 0;
+    this.#vm?.close();
     this.#file.close();
   }
 }

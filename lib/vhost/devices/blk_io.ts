@@ -6,6 +6,7 @@
  */
 import {
   fdatasync,
+  fileSystemType,
   IoVecs,
   type OwnedFd,
   preadv,
@@ -13,9 +14,10 @@ import {
   pwritev,
   type Reactor,
   supportsNowait,
+  TMPFS_MAGIC,
 } from "../../../ffi/mod.ts";
 import { UringEngine } from "./blk_uring.ts";
-import { VmCopyEngine } from "./blk_vmcopy.ts";
+import { VmCopyEngine, type VmCopyFile, vmCopyUsable } from "./blk_vmcopy.ts";
 
 /** One queued operation. `iov` must stay untouched until `done` runs. */
 export interface BlkIoRequest {
@@ -68,10 +70,11 @@ export class SyncEngine implements BlkIoEngine {
   submit(): void {
     const batch = this.#queued;
     this.#queued = [];
-    for (const req of batch) req.done(this.#run(req));
+    for (const req of batch) req.done(this.perform(req));
   }
 
-  #run(req: BlkIoRequest): number {
+  /** Performs one request now and returns its result (bytes, or a negative errno); no done(). */
+  perform(req: BlkIoRequest): number {
     try {
       if (req.op === "flush") {
         fdatasync(this.#file);
@@ -103,8 +106,7 @@ function tail(iov: IoVecs, skip: number): IoVecs {
 }
 
 /**
- * Which engine createEngine() builds: "auto" is io_uring when it works here and the file supports
- * nowait I/O, else preadv; "vmcopy" (blk_vmcopy.ts) is opt-in.
+ * Which engine createEngine() builds: "auto" resolves with chooseEngine(); the others force one.
  */
 export type EngineKind = "auto" | "uring" | "vmcopy" | "preadv";
 
@@ -114,42 +116,63 @@ export interface CreateEngineOptions {
   engine?: EngineKind;
   /** io_uring: requests in flight at once (default 128). */
   depth?: number;
+  /**
+   * vmcopy: the device's shared mapping (one per device, so all queues see one allocation map);
+   * without it the engine maps the file for itself.
+   */
+  vmFile?: () => VmCopyFile;
 }
 
 /**
- * Builds the block I/O engine for `file`. "auto" picks io_uring when it works here (probed once
- * with a NOP: ENOSYS, or EPERM from sysctl or seccomp, mean no) and the file supports nowait I/O
- * (block devices, ext4, xfs...), so io_uring runs each request inline in the one io_uring_enter.
- * Otherwise (tmpfs such as /dev/shm on Linux 6.x) io_uring would hand every request to a kernel
- * worker thread, measured 3-10x slower than preadv there, so "auto" picks preadv. "vmcopy" (one
- * process_vm_readv/writev per kick through a mapping of the file, blk_vmcopy.ts) is opt-in: on
- * tmpfs it measured only ~10% above preadv (the 4 KiB copies and page walks cost more than the
- * system calls it saves) and its reads allocate the holes of a sparse file. "uring" and "vmcopy"
- * force that engine and throw when it does not work here, naming why.
+ * What "auto" picks for `file`, and why (for the start-up log line):
+ * - io_uring when it works here (probed once with a NOP: ENOSYS, or EPERM from sysctl or seccomp,
+ *   mean no) and the file supports nowait I/O (block devices, ext4, xfs...), so io_uring runs each
+ *   request inline within the one io_uring_enter of a batch;
+ * - vmcopy for a tmpfs file (/dev/shm): there io_uring would hand every request to a kernel worker
+ *   thread (measured 3-10x slower than preadv), while one process_vm_readv/writev per kick moves
+ *   the batch with one system call, with holes kept unallocated by the allocation map;
+ * - preadv/pwritev otherwise (FUSE, NFS, O_DIRECT on tmpfs...).
+ * @example
+ * const { kind, reason } = chooseEngine(file); // "vmcopy", "tmpfs file: ..."
+ */
+export function chooseEngine(file: OwnedFd): { kind: "uring" | "vmcopy" | "preadv"; reason: string } {
+  const probe = probeIoUring();
+  if (probe.ok && supportsNowait(file)) {
+    return { kind: "uring", reason: "io_uring works and the file supports nowait I/O" };
+  }
+  const uring = probe.ok ? "the file has no nowait I/O" : `io_uring does not work here (${probe.reason})`;
+  if (fileSystemType(file) === TMPFS_MAGIC) {
+    const usable = vmCopyUsable(file);
+    if (usable.ok) return { kind: "vmcopy", reason: `tmpfs file, ${uring}` };
+    return { kind: "preadv", reason: `${uring}; vmcopy cannot serve it: ${usable.reason}` };
+  }
+  return { kind: "preadv", reason: uring };
+}
+
+/**
+ * Builds the block I/O engine for `file`: "auto" as chooseEngine() says; "uring" and "vmcopy"
+ * force that engine and throw when it does not work here, naming why; "preadv" always works.
  * @example
  * const engine = createEngine(file, reactor, { engine: "auto" });
- * console.log(engine.name); // "io_uring" or "preadv"
+ * console.log(engine.name); // "io_uring", "vmcopy" or "preadv"
  */
 export function createEngine(
   file: OwnedFd,
   reactor: Reactor,
   options: CreateEngineOptions = {},
 ): BlkIoEngine {
-  const kind = options.engine ?? "auto";
-  if (kind === "preadv") return new SyncEngine(file);
-  if (kind === "vmcopy") return VmCopyEngine.open(file);
-  if (kind !== "auto" && kind !== "uring") {
+  let kind = options.engine ?? "auto";
+  if (kind !== "auto" && kind !== "uring" && kind !== "vmcopy" && kind !== "preadv") {
     throw new RangeError(
       `block I/O engine must be auto, uring, vmcopy or preadv: got ${JSON.stringify(kind)}`,
     );
   }
+  if (kind === "auto") kind = chooseEngine(file).kind;
+  if (kind === "preadv") return new SyncEngine(file);
+  if (kind === "vmcopy") return options.vmFile ? new VmCopyEngine(options.vmFile()) : VmCopyEngine.open(file);
   const probe = probeIoUring();
   if (!probe.ok) {
-    if (kind === "uring") {
-      throw new Error(`io_uring engine requested but io_uring does not work here: ${probe.reason}`);
-    }
-    return new SyncEngine(file);
+    throw new Error(`io_uring engine requested but io_uring does not work here: ${probe.reason}`);
   }
-  if (kind === "auto" && !supportsNowait(file)) return new SyncEngine(file);
   return new UringEngine(file, reactor, { depth: options.depth });
 }

@@ -13,8 +13,13 @@ import {
   Reactor,
   unlinkPath,
 } from "../../../ffi/mod.ts";
-import { type BlkIoRequest, createEngine, SyncEngine } from "./blk_io.ts";
-import { VmCopyEngine, vmCopyUsable } from "./blk_vmcopy.ts";
+import { type BlkIoRequest, chooseEngine, createEngine, SyncEngine } from "./blk_io.ts";
+import { VmCopyEngine, VmCopyFile, vmCopyUsable } from "./blk_vmcopy.ts";
+
+/** st_blocks of `fd` in bytes. */
+function fstatBlocks(fd: OwnedFd): number {
+  return (Deno.statSync(`/proc/self/fd/${fd.unsafeFd}`).blocks ?? NaN) * 512;
+}
 
 /** A memfd backing file (tmpfs, like /dev/shm) and memfd "guest memory"; closed by close(). */
 class Fixture {
@@ -23,10 +28,12 @@ class Fixture {
   readonly guestFd: OwnedFd;
   readonly mem: MappedRegion;
 
-  constructor(fileSize: number, memSize: number) {
+  /** `fill`: file contents written before any engine opens it (so its pages count as allocated). */
+  constructor(fileSize: number, memSize: number, fill?: Uint8Array) {
     this.file = memfdCreate("disk");
     ftruncate(this.file, fileSize);
     this.fileMap = mapShared(this.file, fileSize);
+    if (fill) this.fileMap.bytes.set(fill);
     this.guestFd = memfdCreate("guest");
     ftruncate(this.guestFd, memSize);
     this.mem = mapShared(this.guestFd, memSize);
@@ -60,11 +67,10 @@ function run(engine: VmCopyEngine | SyncEngine, reqs: Array<Omit<BlkIoRequest, "
 }
 
 Deno.test("VmCopyEngine reads a batch of scattered requests from the file into guest memory", () => {
-  const fx = new Fixture(1 << 20, 1 << 20);
+  const fx = new Fixture(1 << 20, 1 << 20, pattern(1 << 20, 11));
   const engine = VmCopyEngine.open(fx.file);
   try {
     assert.equal(engine.name, "vmcopy");
-    fx.fileMap.bytes.set(pattern(1 << 20, 11));
     const reqs: Array<Omit<BlkIoRequest, "done">> = [];
     for (let i = 0; i < 48; i++) {
       const len = 512 * (1 + (i * 5) % 9);
@@ -80,6 +86,8 @@ Deno.test("VmCopyEngine reads a batch of scattered requests from the file into g
         `request ${i}`,
       );
     });
+    assert.equal(engine.copyCalls, 1, "the whole batch in one process_vm_readv");
+    assert.equal(engine.syncRequests, 0);
   } finally {
     engine.close();
     fx.close();
@@ -120,10 +128,9 @@ Deno.test("VmCopyEngine writes, flushes and reads back like SyncEngine, over mor
 });
 
 Deno.test("VmCopyEngine survives a file truncated under it: no SIGBUS, short reads from the end", () => {
-  const fx = new Fixture(64 * 1024, 256 * 1024);
+  const fx = new Fixture(64 * 1024, 256 * 1024, pattern(64 * 1024, 31));
   const engine = VmCopyEngine.open(fx.file);
   try {
-    fx.fileMap.bytes.set(pattern(64 * 1024, 31));
     const head = fx.fileMap.bytes.slice(0, 8192);
     ftruncate(fx.file, 16384); // the last 48 KiB of the mapping now fault
     const results = run(engine, [
@@ -135,6 +142,8 @@ Deno.test("VmCopyEngine survives a file truncated under it: no SIGBUS, short rea
     assert.deepEqual(results, [8192, 4096, 0, 4096]);
     assert.deepEqual(fx.mem.bytes.slice(0, 8192), head);
     assert.deepEqual(fx.mem.bytes.slice(65536, 65536 + 4096), head.slice(4096));
+    assert.ok(engine.copyCalls >= 2, `copies resumed after the fault (${engine.copyCalls} calls)`);
+    assert.ok(engine.syncRequests >= 1, "the faulting request was redone with preadv");
   } finally {
     engine.close();
     fx.close();
@@ -196,18 +205,63 @@ Deno.test("vmCopyUsable and VmCopyEngine.open refuse sizes that are not whole pa
   }
 });
 
-Deno.test("createEngine builds vmcopy only on request; auto never picks it", () => {
+Deno.test("createEngine: auto picks vmcopy for a tmpfs file (and says why), preadv and vmcopy on request", () => {
   using reactor = new Reactor();
   using file = memfdCreate("x");
   ftruncate(file, 8192);
-  const vm = createEngine(file, reactor, { engine: "vmcopy" });
-  assert.ok(vm instanceof VmCopyEngine);
-  vm.close();
-  const auto = createEngine(file, reactor);
-  assert.notEqual(auto.name, "vmcopy");
-  auto.close();
+  const choice = chooseEngine(file);
+  assert.equal(choice.kind, "vmcopy");
+  assert.match(choice.reason, /^tmpfs file, /);
+  for (const [engine, name] of [["auto", "vmcopy"], ["vmcopy", "vmcopy"], ["preadv", "preadv"]] as const) {
+    const e = createEngine(file, reactor, { engine });
+    assert.equal(e.name, name, engine);
+    e.close();
+  }
   using empty = memfdCreate("empty");
   assert.throws(() => createEngine(empty, reactor, { engine: "vmcopy" }), /0 bytes: expected a non-zero/);
+  assert.equal(chooseEngine(empty).kind, "preadv", "auto falls back when vmcopy cannot serve the file");
+  assert.match(chooseEngine(empty).reason, /vmcopy cannot serve it: .*0 bytes/);
+});
+
+Deno.test("VmCopyFile on tmpfs tracks allocation: reads of holes go through preadv and allocate nothing", () => {
+  const fx = new Fixture(256 * 1024, 64 * 1024);
+  fx.fileMap.bytes.fill(0x5a, 64 * 1024, 72 * 1024); // two pages of data before the engine opens
+  const vm = VmCopyFile.open(fx.file);
+  const engine = new VmCopyEngine(vm);
+  const blocks = () => fstatBlocks(fx.file);
+  try {
+    assert.ok(vm.alloc, "tmpfs files get an allocation map");
+    assert.equal(vm.alloc.unknownPages, 64 - 2, "seeded from SEEK_DATA/SEEK_HOLE");
+    assert.equal(blocks(), 8192);
+    fx.mem.bytes.fill(0xee);
+    assert.deepEqual(
+      run(engine, [
+        { op: "read", offset: 0, iov: fx.iov(0, 16384, 2) },
+        { op: "read", offset: 64 * 1024, iov: fx.iov(16384, 8192) },
+        { op: "read", offset: 60 * 1024, iov: fx.iov(24576, 8192) },
+      ]),
+      [16384, 8192, 8192],
+    );
+    assert.deepEqual(fx.mem.bytes.slice(0, 16384), new Uint8Array(16384));
+    assert.deepEqual(fx.mem.bytes.slice(16384, 24576), new Uint8Array(8192).fill(0x5a));
+    assert.deepEqual(
+      fx.mem.bytes.slice(24576, 28672),
+      new Uint8Array(4096),
+      "hole half of a straddling read",
+    );
+    assert.equal(blocks(), 8192, "no hole was allocated by reading it");
+    // Writes mark their pages; discards (deallocated) unmark them.
+    fx.mem.bytes.fill(0x11, 0, 4096);
+    assert.deepEqual(run(engine, [{ op: "write", offset: 128 * 1024 + 100, iov: fx.iov(0, 512) }]), [512]);
+    assert.equal(vm.alloc.allocated(128 * 1024, 4096), true, "the whole page of a partial write");
+    vm.deallocated(64 * 1024, 4096);
+    assert.equal(vm.alloc.allocated(64 * 1024, 4096), false);
+    assert.equal(vm.alloc.allocated(68 * 1024, 4096), true);
+  } finally {
+    engine.close();
+    vm.close();
+    fx.close();
+  }
 });
 
 Deno.test("VmCopyEngine reads holes of a sparse file as zeros", () => {
