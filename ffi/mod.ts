@@ -33,7 +33,8 @@ export {
 export { EventFd } from "./eventfd.ts";
 export { isListeningSocket } from "./sockopt.ts";
 export { IOV_MAX, IoVecs } from "./iovec.ts";
-export { isDirectIo, probeVmCopy, type VmCopyProbe, vmReadSelf, vmWriteSelf } from "./vmcopy.ts";
+export { isDirectIo, probeVmCopy, type VmCopyProbe, vmCopySelf, vmReadSelf, vmWriteSelf } from "./vmcopy.ts";
+export { CopyHelper } from "./copy_helper.ts";
 export {
   type CompletionHandler,
   IoUring,

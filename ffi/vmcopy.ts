@@ -19,11 +19,26 @@ function pid(): number {
   return selfPid;
 }
 
-function call(name: "process_vm_readv" | "process_vm_writev", local: IoVecs, remote: IoVecs): number {
+function call(
+  name: "process_vm_readv" | "process_vm_writev",
+  local: IoVecs,
+  remote: IoVecs,
+  lFrom = 0,
+  lCount = local.count,
+  rFrom = 0,
+  rCount = remote.count,
+): number {
+  if (lFrom < 0 || lFrom + lCount > local.count || rFrom < 0 || rFrom + rCount > remote.count) {
+    throw new RangeError(
+      `${name}: iovecs [${lFrom}, +${lCount}) of ${local.count} / [${rFrom}, +${rCount}) of ${remote.count}`,
+    );
+  }
   const fn = name === "process_vm_readv" ? libc.process_vm_readv : libc.process_vm_writev;
-  const n = fn(pid(), local.unsafeBuffer, BigInt(local.count), remote.unsafeBuffer, BigInt(remote.count), 0n);
+  const lb = lFrom === 0 ? local.unsafeBuffer : local.unsafeBuffer.subarray(16 * lFrom);
+  const rb = rFrom === 0 ? remote.unsafeBuffer : remote.unsafeBuffer.subarray(16 * rFrom);
+  const n = fn(pid(), lb, BigInt(lCount), rb, BigInt(rCount), 0n);
   if (n === -1n) {
-    throw new ErrnoError(name, lastErrno(), `${local.count} local / ${remote.count} remote iovecs`);
+    throw new ErrnoError(name, lastErrno(), `${lCount} local / ${rCount} remote iovecs`);
   }
   return Number(n);
 }
@@ -87,4 +102,30 @@ export function probeVmCopy(): VmCopyProbe {
  */
 export function isDirectIo(fd: OwnedFd): boolean {
   return (check("fcntl(F_GETFL)", libc.fcntl(fd.unsafeFd, F_GETFL, 0), fd.label) & OpenFlags.O_DIRECT) !== 0;
+}
+
+/**
+ * vmReadSelf / vmWriteSelf over part of the iovecs: local [lFrom, lFrom+lCount) and remote
+ * [rFrom, rFrom+rCount) (checked against their counts; RangeError otherwise).
+ * @example
+ * const n = vmCopySelf("read", guestBuffers, 4, 4, fileRanges, 4, 4); // the second half
+ */
+export function vmCopySelf(
+  op: "read" | "write",
+  local: IoVecs,
+  lFrom: number,
+  lCount: number,
+  remote: IoVecs,
+  rFrom: number,
+  rCount: number,
+): number {
+  return call(
+    op === "read" ? "process_vm_readv" : "process_vm_writev",
+    local,
+    remote,
+    lFrom,
+    lCount,
+    rFrom,
+    rCount,
+  );
 }
