@@ -132,7 +132,8 @@ export async function runLoad(fe: VhostUserFrontend, options: LoadOptions): Prom
       submitted: 0,
     });
   }
-  const byHead = new Map<number, Slot>(slots.map((s) => [s.head, s]));
+  const byHead: (Slot | undefined)[] = [];
+  for (const s of slots) byHead[s.head] = s;
   const view = ram.view;
   const mem = ram.mem;
   const sectorsPerBlock = bs / 512;
@@ -166,8 +167,9 @@ export async function runLoad(fe: VhostUserFrontend, options: LoadOptions): Prom
       rng ^= rng >>> 17;
       rng ^= rng << 5;
       rng >>>= 0;
-      const blk = Math.floor((rng / 4294967296) * blocks);
-      view.setBigUint64(s.hdr + 8, BigInt(blk * sectorsPerBlock), true);
+      const sector = Math.floor((rng / 4294967296) * blocks) * sectorsPerBlock;
+      view.setUint32(s.hdr + 8, sector % 4294967296, true);
+      view.setUint32(s.hdr + 12, Math.floor(sector / 4294967296), true);
       mem[s.status] = 0xff;
       s.submitted = t;
       ring.submitHead(s.head);
@@ -178,7 +180,7 @@ export async function runLoad(fe: VhostUserFrontend, options: LoadOptions): Prom
     if (ring.publish()) fe.kickQueue(q);
   };
   q.onComplete = (id) => {
-    const s = byHead.get(id);
+    const s = byHead[id];
     if (!s) return;
     inFlight--;
     if (mem[s.status] !== Blk.S_OK) errors++;

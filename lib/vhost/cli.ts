@@ -44,6 +44,7 @@ blk options:
   --direct                O_DIRECT on the file
   --writeback             advertise a writeback cache (FLUSH = fdatasync); default writethrough
   --engine=auto|uring|vmcopy|preadv   I/O engine (default auto)
+  --io-threads=0|1        vmcopy: a helper thread copies half of each big batch (default 1)
 
 common options:
 ${COMMON}`;
@@ -139,6 +140,7 @@ export async function main(args: string[]): Promise<number> {
             direct: { type: "boolean" },
             writeback: { type: "boolean" },
             engine: { type: "string" },
+            "io-threads": { type: "string" },
           } as const
           : {}),
       },
@@ -185,6 +187,7 @@ export async function main(args: string[]): Promise<number> {
       direct: !!v.direct,
       writeback: !!v.writeback,
       engine,
+      ioThreads: intArg("io-threads", str("io-threads"), 0, 1) ?? 1,
     };
     const { fd, size } = openBlkFile(file, opts);
     device = new BlkDevice(fd, size, opts);
@@ -216,7 +219,12 @@ export async function main(args: string[]): Promise<number> {
       `mpq vhost blk: ${str("blk-file")}, ${device.size} bytes, ${
         device.writeback ? "writeback" : "writethrough"
       }` +
-        `, engine ${device.engine} (${device.engineReason}), ` +
+        `, engine ${device.engine} (${device.engineReason})` +
+        `${
+          device.engine === "vmcopy"
+            ? `, ${device.ioThreads} helper thread${device.ioThreads === 1 ? "" : "s"}`
+            : ""
+        }, ` +
         `polling ${pollUs > 0 ? `adaptive up to ${pollUs} µs` : "off"}`,
     );
   }

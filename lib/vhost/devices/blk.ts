@@ -123,6 +123,8 @@ export interface BlkOptions {
   /** Advertise a writeback cache (FLUSH makes data durable); default writethrough. */
   writeback?: boolean;
   engine?: EngineChoice;
+  /** vmcopy: helper threads sharing the copies of big batches, 0 or 1 (default 1). */
+  ioThreads?: number;
 }
 
 /** Opens the backing file or block device; throws InputError naming the file. */
@@ -365,6 +367,8 @@ export class BlkDevice implements VhostUserDevice {
   /** The engine every queue uses ("auto" resolved at construction) and why it was chosen. */
   readonly engine: "uring" | "vmcopy" | "preadv";
   readonly engineReason: string;
+  /** vmcopy helper threads (0 or 1). */
+  readonly ioThreads: number;
   /** vmcopy: the mapping and allocation map all queues share. */
   readonly #vm: VmCopyFile | null = null;
   readonly #queues: (BlkQueue | undefined)[] = [];
@@ -389,12 +393,17 @@ export class BlkDevice implements VhostUserDevice {
       this.engine = choice;
       this.engineReason = `--engine=${choice}`;
     }
+    this.ioThreads = options.ioThreads ?? 1;
+    if (this.ioThreads !== 0 && this.ioThreads !== 1) {
+      throw new RangeError(`--io-threads must be 0 or 1: got ${this.ioThreads}`);
+    }
     if (this.engine === "vmcopy") {
       try {
         this.#vm = VmCopyFile.open(file);
       } catch (e) {
         throw new InputError(`--engine vmcopy: ${(e as Error).message}`);
       }
+      this.#vm.helperEnabled = this.ioThreads > 0;
     }
     const serial = new TextEncoder().encode(options.serial ?? "");
     if (serial.byteLength > ID_BYTES) {

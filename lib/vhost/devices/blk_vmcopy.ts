@@ -17,6 +17,7 @@
  * @module
  */
 import {
+  CopyHelper,
   dataExtents,
   deviceSize,
   Errno,
@@ -30,11 +31,13 @@ import {
   type OwnedFd,
   probeVmCopy,
   TMPFS_MAGIC,
+  vmCopySelf,
   vmReadSelf,
   vmWriteSelf,
 } from "../../../ffi/mod.ts";
 import { ALLOC_MAP_MAX_BYTES, AllocMap } from "./alloc_map.ts";
 import { type BlkIoEngine, type BlkIoRequest, SyncEngine } from "./blk_io.ts";
+import { SplitGate } from "./split_gate.ts";
 
 /** The file size must be a multiple of this for the mapping to cover it exactly. */
 const PAGE = 4096;
@@ -64,6 +67,9 @@ export function vmCopyUsable(file: OwnedFd): VmCopyUsable {
   }
   return { ok: true, size };
 }
+
+/** Runs of at least this many requests are shared with the helper thread. */
+const SPLIT_MIN = 8;
 
 /** More data extents than this at start: the map starts all-unknown (writes then fill it in). */
 const MAX_SEED_EXTENTS = 1 << 16;
@@ -109,12 +115,24 @@ export class VmCopyFile {
     return new VmCopyFile(file, map, alloc);
   }
 
+  #helper: CopyHelper | null = null;
+  /** Whether a helper thread may share big batches (set before the first one). */
+  helperEnabled = true;
+
+  /** The helper thread for big batches, started on first use (null when disabled). */
+  helper(): CopyHelper | null {
+    if (!this.helperEnabled) return null;
+    return this.#helper ??= CopyHelper.start();
+  }
+
   /** [offset, offset+len) was discarded or zeroed: reads there go through preadv again. */
   deallocated(offset: number, len: number): void {
     this.alloc?.markUnknown(offset, Math.max(0, Math.min(len, this.map.size - offset)));
   }
 
   close(): void {
+    this.#helper?.close();
+    this.#helper = null;
     this.map.close();
   }
 }
@@ -144,6 +162,11 @@ export class VmCopyEngine implements BlkIoEngine {
   /** process_vm_readv/writev calls made, and requests that went through preadv/pwritev instead. */
   copyCalls = 0;
   syncRequests = 0;
+  /** Copies the helper thread did. */
+  helperCalls = 0;
+  /** Whether sharing with the helper pays now (measured: see SplitGate), and for this submit. */
+  readonly #gate = new SplitGate();
+  #share = false;
 
   /** An engine on a device's shared VmCopyFile (closed by its owner, not by close()). */
   constructor(vm: VmCopyFile, owns = false) {
@@ -170,6 +193,8 @@ export class VmCopyEngine implements BlkIoEngine {
   submit(): void {
     const batch = this.#queued;
     this.#queued = this.#spare;
+    this.#share = this.#vm.helperEnabled && batch.length > 0 &&
+      this.#gate.batch(performance.now(), batch.length);
     let i = 0;
     while (i < batch.length) {
       const req = batch[i];
@@ -225,6 +250,9 @@ export class VmCopyEngine implements BlkIoEngine {
       this.#viaSync(batch[start]);
       return start + 1;
     }
+    if (this.#share && end - start >= SPLIT_MIN && op !== "flush" && this.#split(batch, start, end, op)) {
+      return end;
+    }
     let copied = 0;
     if (remote.count > 0) {
       try {
@@ -250,6 +278,62 @@ export class VmCopyEngine implements BlkIoEngine {
     if (k === end) return end;
     this.#viaSync(batch[k]);
     return k + 1;
+  }
+
+  /**
+   * A run big enough to share: the helper thread copies the first half of the requests while this
+   * thread copies the second. false when the helper is not awake (the caller copies it all).
+   */
+  #split(batch: BlkIoRequest[], start: number, end: number, op: "read" | "write"): boolean {
+    const helper = this.#vm.helper();
+    if (!helper) return false;
+    // Iovec counts of the first half (requests of length 0 have no remote iovec).
+    const mid = start + ((end - start) >> 1);
+    let nl = 0;
+    let nr = 0;
+    for (let k = start; k < mid; k++) {
+      nl += batch[k].iov.count;
+      if (batch[k].iov.totalBytes > 0) nr++;
+    }
+    const local = this.#local;
+    const remote = this.#remote;
+    if (nr === 0 || nr === remote.count) return false;
+    if (!helper.post(op, local, 0, nl, remote, 0, nr)) return false;
+    this.copyCalls++;
+    let mine: number;
+    try {
+      mine = vmCopySelf(op, local, nl, local.count - nl, remote, nr, remote.count - nr);
+    } catch (e) {
+      mine = e instanceof ErrnoError ? -e.errno : -Errno.EIO;
+    }
+    let theirs = helper.collect();
+    if (theirs === null) {
+      try {
+        theirs = vmCopySelf(op, local, 0, nl, remote, 0, nr);
+      } catch (e) {
+        theirs = e instanceof ErrnoError ? -e.errno : -Errno.EIO;
+      }
+    } else this.helperCalls++;
+    this.#settle(batch, start, mid, op, theirs);
+    this.#settle(batch, mid, end, op, mine);
+    return true;
+  }
+
+  /**
+   * Completes batch[from..to) after a copy that moved `copied` bytes of them (-errno: none):
+   * requests copied in full succeed, the rest go through preadv/pwritev one by one.
+   */
+  #settle(batch: BlkIoRequest[], from: number, to: number, op: "read" | "write", copied: number): void {
+    let left = Math.max(0, copied);
+    let k = from;
+    for (; k < to; k++) {
+      const len = batch[k].iov.totalBytes;
+      if (len > left) break;
+      left -= len;
+      if (op === "write") this.#alloc?.markAllocated(batch[k].offset, len);
+      this.#complete(batch[k], len);
+    }
+    for (; k < to; k++) this.#viaSync(batch[k]);
   }
 
   /** One request through preadv/pwritev (reports the real errno or short count). */

@@ -277,3 +277,60 @@ Deno.test("VmCopyEngine reads holes of a sparse file as zeros", () => {
     fx.close();
   }
 });
+
+Deno.test("VmCopyEngine shares big batches with the helper thread: every request lands where it belongs", async () => {
+  const fx = new Fixture(4 << 20, 4 << 20, pattern(4 << 20, 41));
+  const vm = VmCopyFile.open(fx.file);
+  const engine = new VmCopyEngine(vm);
+  try {
+    const helper = vm.helper()!;
+    const deadline = Date.now() + 10_000;
+    while (!helper.ready) {
+      if (Date.now() > deadline) throw new Error("helper thread did not start");
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    // Batches of 16 reads (2 segments each), then 16 writes, until the helper has done some.
+    // (The helper takes a job only when it is awake and quick enough: on a loaded machine that
+    // may take many rounds.)
+    const until = Date.now() + 30_000;
+    for (let round = 0; Date.now() < until && engine.helperCalls < 3; round++) {
+      fx.mem.bytes.fill(0);
+      const reqs: Array<Omit<BlkIoRequest, "done">> = [];
+      for (let i = 0; i < 16; i++) {
+        const off = (((round * 16 + i) * 97) % 1000) * 4096;
+        reqs.push({ op: "read", offset: off, iov: fx.iov(i * 16384, 8192, 2) });
+      }
+      assert.deepEqual(run(engine, reqs), reqs.map(() => 8192));
+      reqs.forEach((r, i) => {
+        assert.deepEqual(
+          fx.mem.bytes.slice(i * 16384, i * 16384 + 8192),
+          fx.fileMap.bytes.slice(r.offset, r.offset + 8192),
+          `round ${round} read ${i}`,
+        );
+      });
+      fx.mem.bytes.set(pattern(16 * 16384, 1000 + round));
+      const writes: Array<Omit<BlkIoRequest, "done">> = [];
+      for (let i = 0; i < 16; i++) {
+        writes.push({
+          op: "write",
+          offset: (2048 + ((round * 16 + i) % 400) * 8) * 512,
+          iov: fx.iov(i * 16384, 4096),
+        });
+      }
+      assert.deepEqual(run(engine, writes), writes.map(() => 4096));
+      writes.forEach((w, i) => {
+        assert.deepEqual(
+          fx.fileMap.bytes.slice(w.offset, w.offset + 4096),
+          fx.mem.bytes.slice(i * 16384, i * 16384 + 4096),
+          `round ${round} write ${i}`,
+        );
+      });
+    }
+    assert.ok(engine.helperCalls >= 3, `the helper copied ${engine.helperCalls} half-batches`);
+    assert.equal(engine.syncRequests, 0);
+  } finally {
+    engine.close();
+    vm.close();
+    fx.close();
+  }
+});
