@@ -5,8 +5,8 @@
  * a slower driver sends fewer requests, which no measurement on the daemon's own side shows. So the
  * gate probes, the way a congestion controller does: it serves `windowMs` with sharing and
  * `windowMs` without, counting requests after the first `settleMs` of each, then holds the better setting for `holdMs` (sharing only
- * when it served at least `minGain` times as many), and probes again. A window that ran much
- * longer than planned (the device went idle) is not trusted: probing starts over.
+ * when it served at least `minGain` times as many), and probes again. After `idleMs` without a
+ * batch, whatever load comes next is probed afresh.
  *
  * Pure: times (performance.now() milliseconds) are passed in.
  * @module
@@ -29,6 +29,8 @@ export interface SplitGateOptions {
   holdMs?: number;
   /** Sharing must serve this many times the requests of not sharing (default 1.1). */
   minGain?: number;
+  /** A pause between batches longer than this (default 1000 ms) ends any decision: probe again. */
+  idleMs?: number;
 }
 
 type Phase = "on" | "off" | "hold";
@@ -43,6 +45,8 @@ export class SplitGate {
   readonly settleMs: number;
   readonly holdMs: number;
   readonly minGain: number;
+  readonly idleMs: number;
+  #lastBatch = NaN;
   #phase: Phase = "on";
   #phaseStart = NaN;
   #count = 0;
@@ -68,6 +72,7 @@ export class SplitGate {
     this.settleMs = Math.min(options.settleMs ?? 300, this.windowMs / 2);
     this.holdMs = options.holdMs ?? 3000;
     this.minGain = options.minGain ?? 1.1;
+    this.idleMs = options.idleMs ?? 1000;
     this.#hold = this.holdMs;
   }
 
@@ -84,6 +89,12 @@ export class SplitGate {
   /** A batch of `requests` is being served at `nowMs`: whether it may be shared. */
   batch(nowMs: number, requests: number): boolean {
     if (Number.isNaN(this.#phaseStart)) this.#phaseStart = nowMs;
+    // After an idle stretch the load that comes may be another one: judge it afresh.
+    if (nowMs - this.#lastBatch > this.idleMs) {
+      this.#start("on", nowMs);
+      this.#hold = this.holdMs;
+    }
+    this.#lastBatch = nowMs;
     const elapsed = nowMs - this.#phaseStart;
     const planned = this.#phase === "hold" ? this.#hold : this.windowMs;
     if (elapsed >= planned) {

@@ -67,12 +67,14 @@ Deno.test("SplitGate: a confirmed decision holds twice as long, up to 16 times; 
   assert.equal(gate.holdingMs, 1000, "a changed decision holds for the base time");
 });
 
-Deno.test("SplitGate ignores a probe window that spanned an idle stretch and probes again", () => {
-  const gate = new SplitGate({ windowMs: 100, settleMs: 50, holdMs: 1000 });
-  gate.batch(0, 10);
-  gate.batch(60, 10);
-  // Idle for a second: the "on" window's count is meaningless.
-  assert.equal(gate.batch(1060, 10), true);
-  assert.equal(gate.phase, "on", "probing restarted");
-  assert.equal(gate.decisions, 0);
+Deno.test("SplitGate probes afresh after an idle stretch, even in the middle of a decision", () => {
+  const gate = new SplitGate({ windowMs: 100, settleMs: 50, holdMs: 10_000 });
+  const { t } = drive(gate, 250, 300, 600, 0);
+  assert.equal(gate.phase, "hold");
+  assert.equal(gate.sharing, false);
+  // Quiet for two seconds, then a new load: probing starts over with sharing on.
+  assert.equal(gate.batch(t + 2000, 10), true);
+  assert.equal(gate.phase, "on");
+  drive(gate, 250, 900, 600, t + 2000);
+  assert.equal(gate.sharing, true);
 });
