@@ -404,6 +404,8 @@ export class BlkDevice implements VhostUserDevice {
         throw new InputError(`--engine vmcopy: ${(e as Error).message}`);
       }
       this.#vm.helperEnabled = this.ioThreads > 0;
+      // Started now, so it is up (and its code warm) before the first batch it could take.
+      this.#vm.helper();
     }
     const serial = new TextEncoder().encode(options.serial ?? "");
     if (serial.byteLength > ID_BYTES) {

@@ -193,7 +193,8 @@ export class VmCopyEngine implements BlkIoEngine {
   submit(): void {
     const batch = this.#queued;
     this.#queued = this.#spare;
-    this.#share = this.#vm.helperEnabled && batch.length > 0 &&
+    // (Not before the helper runs: a probe window without it would measure nothing.)
+    this.#share = this.#vm.helperEnabled && batch.length > 0 && this.#vm.helper()!.ready &&
       this.#gate.batch(performance.now(), batch.length);
     let i = 0;
     while (i < batch.length) {

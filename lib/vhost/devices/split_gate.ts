@@ -24,7 +24,7 @@ export interface SplitGateOptions {
   settleMs?: number;
   /**
    * How long a decision holds (default 3000 ms); doubled, up to 16 times, each time probing
-   * confirms it, so a steady load pays for probing less and less.
+   * confirms it, so a steady load pays for probing less and less; a third of it after a near tie.
    */
   holdMs?: number;
   /** Sharing must serve this many times the requests of not sharing (default 1.1). */
@@ -52,6 +52,8 @@ export class SplitGate {
   #count = 0;
   #rateOn = 0;
   #choice = false;
+  /** Whether the last decision was clear (not a near tie). */
+  #clear = false;
   #hold: number;
   /** Decisions taken: to share, not to share (metrics, tests). */
   sharedHolds = 0;
@@ -107,9 +109,14 @@ export class SplitGate {
       } else if (this.#phase === "off") {
         const rateOff = this.#count / (elapsed - this.settleMs);
         const choice = this.#rateOn >= rateOff * this.minGain;
-        this.#hold = choice === this.#choice && this.decisions > 0
+        // A near tie (within minGain either way) may be noise: decided for a third as long.
+        const clear = choice || rateOff >= this.#rateOn * this.minGain;
+        this.#hold = !clear
+          ? this.holdMs / 3
+          : choice === this.#choice && this.#clear
           ? Math.min(this.holdMs * 16, this.#hold * 2)
           : this.holdMs;
+        this.#clear = clear;
         this.#choice = choice;
         if (this.#choice) this.sharedHolds++;
         else this.soloHolds++;

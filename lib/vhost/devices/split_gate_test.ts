@@ -47,10 +47,14 @@ Deno.test("SplitGate stops sharing when it serves fewer requests (a busy machine
   assert.equal(gate.sharedHolds, 1);
 });
 
-Deno.test("SplitGate needs minGain: a gain under 10% keeps the cheaper solo copy", () => {
-  const gate = new SplitGate({ windowMs: 100, settleMs: 50, holdMs: 1000 });
+Deno.test("SplitGate needs minGain: a gain under 10% keeps the cheaper solo copy, and probes again sooner", () => {
+  const gate = new SplitGate({ windowMs: 100, settleMs: 50, holdMs: 1200 });
   drive(gate, 250, 640, 600, 0);
   assert.equal(gate.sharing, false);
+  assert.equal(gate.holdingMs, 400, "a near tie holds a third as long");
+  drive(gate, 900, 300, 600, 250);
+  assert.equal(gate.sharing, false);
+  assert.equal(gate.holdingMs, 1200, "a clear loss holds the full time");
 });
 
 Deno.test("SplitGate: a confirmed decision holds twice as long, up to 16 times; a change resets it", () => {
