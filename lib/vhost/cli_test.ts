@@ -170,6 +170,7 @@ Deno.test("vhost cli --metrics serves Prometheus text and SIGUSR1 logs a summary
     }
     s.close();
     assert.match(text, /^mpq_vhost_requests_total\{device="rng",queue="0"\} 0$/m);
+    assert.match(text, /^mpq_vhost_poll_window_seconds\{device="rng"\} 0$/m, "the adaptive window, idle");
     child.kill("SIGUSR1");
     await new Promise((r) => setTimeout(r, 300));
     child.kill("SIGTERM");

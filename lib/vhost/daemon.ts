@@ -67,6 +67,13 @@ export class VhostUserDaemon {
     const maxUs = options.pollUs ?? DEFAULT_POLL_US;
     this.#window = maxUs > 0 ? new PollWindow(maxUs) : null;
     if (this.#window) this.#removePoller = this.reactor.addPoller(() => this.#poll());
+    const window = this.#window;
+    this.metrics.addSource(
+      "mpq_vhost_poll_window_seconds",
+      "The adaptive busy-poll window after the last request (0: kicks only).",
+      "gauge",
+      () => [["", (window?.windowUs ?? 0) / 1e6]],
+    );
     if (options.signals) {
       this.reactor.onSignal("SIGTERM", () => this.stop());
       this.reactor.onSignal("SIGINT", () => this.stop());

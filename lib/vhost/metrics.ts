@@ -23,6 +23,14 @@ export const LATENCY_BOUNDS_US = [
   1000000,
 ];
 
+/** A metric computed when rendering (see Metrics.addSource). */
+interface MetricSource {
+  name: string;
+  help: string;
+  type: "gauge" | "counter";
+  values: () => Array<[string, number]>;
+}
+
 /** Counters of one queue. Plain fields: the hot path increments them without allocating. */
 export class QueueMetrics {
   requests = 0;
@@ -53,10 +61,27 @@ export class Metrics {
   readonly queues: QueueMetrics[] = [];
   connections = 0;
   brokenQueues = 0;
+  readonly #sources: MetricSource[] = [];
 
   constructor(device: string, numQueues: number) {
     this.device = device;
     for (let i = 0; i < numQueues; i++) this.queues.push(new QueueMetrics());
+  }
+
+  /**
+   * Adds a metric read when rendering: `values()` gives [extra labels, value] pairs (labels such as
+   * `queue="0"`, or "" for the device as a whole).
+   * @example
+   * metrics.addSource("mpq_vhost_poll_window_seconds", "Busy-poll window.", "gauge", () => [["", w / 1e6]]);
+   */
+  addSource(
+    name: string,
+    help: string,
+    type: "gauge" | "counter",
+    values: () => Array<[string, number]>,
+  ): void {
+    if (this.#sources.some((x) => x.name === name)) return;
+    this.#sources.push({ name, help, type, values });
   }
 
   /** The counters of queue `i`. */
@@ -100,6 +125,12 @@ export class Metrics {
       "# TYPE mpq_vhost_broken_queues_total counter",
       `mpq_vhost_broken_queues_total{device="${d}"} ${this.brokenQueues}`,
     );
+    for (const src of this.#sources) {
+      lines.push(`# HELP ${src.name} ${src.help}`, `# TYPE ${src.name} ${src.type}`);
+      for (const [labels, v] of src.values()) {
+        lines.push(`${src.name}{device="${d}"${labels ? `,${labels}` : ""}} ${v}`);
+      }
+    }
     return lines.join("\n") + "\n";
   }
 

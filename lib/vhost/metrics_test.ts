@@ -66,3 +66,22 @@ Deno.test("metrics server answers every connection with the current text and clo
     Deno.removeSync(dir, { recursive: true });
   }
 });
+
+Deno.test("metrics sources are read at each render, with their labels, and registered once", () => {
+  const m = new Metrics("block", 2);
+  let window = 8;
+  m.addSource("mpq_vhost_poll_window_seconds", "Busy-poll window.", "gauge", () => [["", window / 1e6]]);
+  m.addSource("mpq_vhost_poll_window_seconds", "again", "gauge", () => [["", 99]]);
+  m.addSource("mpq_vhost_copy_helper_copies_total", "Helper copies.", "counter", () => [
+    ['queue="0"', 5],
+    ['queue="1"', 7],
+  ]);
+  let text = m.render();
+  assert.match(text, /^# TYPE mpq_vhost_poll_window_seconds gauge$/m);
+  assert.match(text, /^mpq_vhost_poll_window_seconds\{device="block"\} 0.000008$/m);
+  assert.equal(text.match(/^mpq_vhost_poll_window_seconds/gm)?.length, 1, "registered once");
+  assert.match(text, /^mpq_vhost_copy_helper_copies_total\{device="block",queue="1"\} 7$/m);
+  window = 32;
+  text = m.render();
+  assert.match(text, /^mpq_vhost_poll_window_seconds\{device="block"\} 0.000032$/m);
+});

@@ -4,6 +4,7 @@
  * pread/pwrite of the file and with discard (punched holes read back as zeros through the mapping).
  */
 import assert from "node:assert/strict";
+import { connectUnix } from "../../ffi/mod.ts";
 import { Blk, VhostUserFrontend } from "../helpers/vhost_frontend.ts";
 import {
   MPQ_BLK_DISK,
@@ -55,6 +56,22 @@ for (const mode of ["writethrough", "writeback"]) {
   });
 }
 
+/** The Prometheus text a --metrics socket serves. */
+function readMetrics(path: string): string {
+  const s = connectUnix(path, { nonBlocking: false });
+  try {
+    const buf = new Uint8Array(65536);
+    let text = "";
+    for (;;) {
+      const r = s.recvMsg(buf);
+      if (!r || r.bytes === 0) return text;
+      text += new TextDecoder().decode(buf.subarray(0, r.bytes));
+    }
+  } finally {
+    s.close();
+  }
+}
+
 /** st_blocks of `path` in bytes (what the file really occupies). */
 function allocatedBytes(path: string): number {
   return (Deno.statSync(path).blocks ?? NaN) * 512;
@@ -71,7 +88,9 @@ Deno.test("vhost blk on a sparse /dev/shm file: auto picks vmcopy, holes stay un
     await f.seek(4 << 20, Deno.SeekMode.Start);
     await f.write(data); // one 64 KiB extent at 4 MiB, the rest holes
   }
-  const be = await startMpqVhost("blk", `${dir}/blk.sock`, { args: [`--blk-file=${file}`] });
+  const be = await startMpqVhost("blk", `${dir}/blk.sock`, {
+    args: [`--blk-file=${file}`, `--metrics=${dir}/metrics.sock`],
+  });
   try {
     await using fe = await VhostUserFrontend.connect(be.socketPath, { eventIdx: true });
     await fe.handshake();
@@ -105,6 +124,11 @@ Deno.test("vhost blk on a sparse /dev/shm file: auto picks vmcopy, holes stay un
     const again = await fe.blkRead((4 << 20) / 512, 65536);
     assert.deepEqual(again.data, new Uint8Array(65536));
     assert.equal(allocatedBytes(file), 4096, "reading a discarded range allocated nothing");
+    // Operators can see the helper thread and the poll window.
+    const metrics = readMetrics(`${dir}/metrics.sock`);
+    assert.match(metrics, /^mpq_vhost_copy_helper_copies_total\{device="block",queue="0"\} \d+$/m);
+    assert.match(metrics, /^mpq_vhost_copy_helper_sharing\{device="block",queue="0"\} [01]$/m);
+    assert.match(metrics, /^mpq_vhost_poll_window_seconds\{device="block"\} [0-9.e-]+$/m);
     await fe.stop();
   } finally {
     await be.stop();

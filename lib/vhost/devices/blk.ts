@@ -30,7 +30,7 @@ import {
   createEngine as createIoEngine,
   type CreateEngineOptions,
 } from "./blk_io.ts";
-import { VmCopyFile } from "./blk_vmcopy.ts";
+import { VmCopyEngine, VmCopyFile } from "./blk_vmcopy.ts";
 
 /** virtio-blk feature bits. */
 export const BlkFeature = {
@@ -479,6 +479,7 @@ export class BlkDevice implements VhostUserDevice {
         vmFile: vm ? () => vm : undefined,
       });
       q = new BlkQueue(this, vq, engine, ctx.metrics.queue(vq.index));
+      if (engine instanceof VmCopyEngine) this.#addHelperMetrics(ctx);
       q.removePoller = ctx.reactor.addPoller(q.poll);
       this.#queues[vq.index] = q;
     }
@@ -707,6 +708,29 @@ export class BlkDevice implements VhostUserDevice {
       }
     }
     return BlkStatus.OK;
+  }
+
+  /** vmcopy: how much its queues use the helper thread (registered once per device). */
+  #addHelperMetrics(ctx: DeviceContext): void {
+    const each = (f: (e: VmCopyEngine) => number) => () => {
+      const out: Array<[string, number]> = [];
+      this.#queues.forEach((q, i) => {
+        if (q?.engine instanceof VmCopyEngine) out.push([`queue="${i}"`, f(q.engine)]);
+      });
+      return out;
+    };
+    ctx.metrics.addSource(
+      "mpq_vhost_copy_helper_copies_total",
+      "Half-batches the vmcopy helper thread copied.",
+      "counter",
+      each((e) => e.helperCalls),
+    );
+    ctx.metrics.addSource(
+      "mpq_vhost_copy_helper_sharing",
+      "1 while the queue shares its batches with the helper thread (probing or decided).",
+      "gauge",
+      each((e) => (e.sharing ? 1 : 0)),
+    );
   }
 
   /** Discards or zeroes one range; false on failure. */

@@ -164,6 +164,12 @@ export class VmCopyEngine implements BlkIoEngine {
   syncRequests = 0;
   /** Copies the helper thread did. */
   helperCalls = 0;
+  /** Whether batches are being shared with the helper (the gate's probe or decision). */
+  get sharing(): boolean {
+    return this.#vm.helperEnabled &&
+      (this.#gate.phase === "on" || (this.#gate.phase === "hold" && this.#gate.sharing));
+  }
+
   /** Whether sharing with the helper pays now (measured: see SplitGate), and for this submit. */
   readonly #gate = new SplitGate();
   #share = false;
