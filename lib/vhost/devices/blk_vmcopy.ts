@@ -166,8 +166,7 @@ export class VmCopyEngine implements BlkIoEngine {
   helperCalls = 0;
   /** Whether batches are being shared with the helper (the gate's probe or decision). */
   get sharing(): boolean {
-    return this.#vm.helperEnabled &&
-      (this.#gate.phase === "on" || (this.#gate.phase === "hold" && this.#gate.sharing));
+    return this.#vm.helperEnabled && this.#gate.allowing;
   }
 
   /** Whether sharing with the helper pays now (measured: see SplitGate), and for this submit. */
@@ -274,14 +273,7 @@ export class VmCopyEngine implements BlkIoEngine {
       }
     }
     // Requests copied in full, in order, succeed; the one the copy stopped in is redone alone.
-    let k = start;
-    for (; k < end; k++) {
-      const len = batch[k].iov.totalBytes;
-      if (len > copied) break;
-      copied -= len;
-      if (op === "write") this.#alloc?.markAllocated(batch[k].offset, len);
-      this.#complete(batch[k], len);
-    }
+    const k = this.#completeCopied(batch, start, end, op, copied);
     if (k === end) return end;
     this.#viaSync(batch[k]);
     return k + 1;
@@ -307,30 +299,35 @@ export class VmCopyEngine implements BlkIoEngine {
     if (nr === 0 || nr === remote.count) return false;
     if (!helper.post(op, local, 0, nl, remote, 0, nr)) return false;
     this.copyCalls++;
-    let mine: number;
-    try {
-      mine = vmCopySelf(op, local, nl, local.count - nl, remote, nr, remote.count - nr);
-    } catch (e) {
-      mine = e instanceof ErrnoError ? -e.errno : -Errno.EIO;
-    }
+    const mine = this.#copyRange(op, nl, local.count - nl, nr, remote.count - nr);
     let theirs = helper.collect();
-    if (theirs === null) {
-      try {
-        theirs = vmCopySelf(op, local, 0, nl, remote, 0, nr);
-      } catch (e) {
-        theirs = e instanceof ErrnoError ? -e.errno : -Errno.EIO;
-      }
-    } else this.helperCalls++;
+    if (theirs === null) theirs = this.#copyRange(op, 0, nl, 0, nr);
+    else this.helperCalls++;
     this.#settle(batch, start, mid, op, theirs);
     this.#settle(batch, mid, end, op, mine);
     return true;
   }
 
+  /** vmCopySelf over part of the run's iovecs; bytes copied or -errno. */
+  #copyRange(op: "read" | "write", lFrom: number, lCount: number, rFrom: number, rCount: number): number {
+    try {
+      return vmCopySelf(op, this.#local, lFrom, lCount, this.#remote, rFrom, rCount);
+    } catch (e) {
+      return e instanceof ErrnoError ? -e.errno : -Errno.EIO;
+    }
+  }
+
   /**
-   * Completes batch[from..to) after a copy that moved `copied` bytes of them (-errno: none):
-   * requests copied in full succeed, the rest go through preadv/pwritev one by one.
+   * Completes, in order, the requests of batch[from..to) that a copy of `copied` bytes (negative:
+   * none) moved in full; returns the index of the first one it did not.
    */
-  #settle(batch: BlkIoRequest[], from: number, to: number, op: "read" | "write", copied: number): void {
+  #completeCopied(
+    batch: BlkIoRequest[],
+    from: number,
+    to: number,
+    op: BlkIoRequest["op"],
+    copied: number,
+  ): number {
     let left = Math.max(0, copied);
     let k = from;
     for (; k < to; k++) {
@@ -340,7 +337,15 @@ export class VmCopyEngine implements BlkIoEngine {
       if (op === "write") this.#alloc?.markAllocated(batch[k].offset, len);
       this.#complete(batch[k], len);
     }
-    for (; k < to; k++) this.#viaSync(batch[k]);
+    return k;
+  }
+
+  /**
+   * Completes batch[from..to) after a copy that moved `copied` bytes of them (-errno: none):
+   * requests copied in full succeed, the rest go through preadv/pwritev one by one.
+   */
+  #settle(batch: BlkIoRequest[], from: number, to: number, op: "read" | "write", copied: number): void {
+    for (let k = this.#completeCopied(batch, from, to, op, copied); k < to; k++) this.#viaSync(batch[k]);
   }
 
   /** One request through preadv/pwritev (reports the real errno or short count). */

@@ -126,6 +126,11 @@ export class SplitGate {
       }
     }
     if (this.#phase === "hold" || nowMs - this.#phaseStart >= this.settleMs) this.#count += requests;
+    return this.allowing;
+  }
+
+  /** Whether batches are shared now: while probing with sharing, or holding a decision for it. */
+  get allowing(): boolean {
     return this.#phase === "on" || (this.#phase === "hold" && this.#choice);
   }
 
