@@ -49,8 +49,10 @@ export class GuestRegion {
     this.map = map;
     this.bytes = map.bytes;
     this.view = new DataView(map.bytes.buffer);
-    this.u16 = new Uint16Array(map.bytes.buffer, 0, map.size >>> 1);
-    this.u32 = new Uint32Array(map.bytes.buffer, 0, map.size >>> 2);
+    // Element counts by division, never `>>>` (32 bits): a region of 4 GiB or more needs every
+    // element (V8 typed arrays index past 2^32).
+    this.u16 = new Uint16Array(map.bytes.buffer, 0, Math.floor(map.size / 2));
+    this.u32 = new Uint32Array(map.bytes.buffer, 0, Math.floor(map.size / 4));
   }
 
   /** Whether the region's description equals `r`. */

@@ -121,15 +121,29 @@ export class VirtQueue {
     const d = memory.translateUser(this.descAddr, 16 * n);
     const a = memory.translateUser(this.availAddr, 6 + 2 * n);
     const u = memory.translateUser(this.usedAddr, 6 + 8 * n);
+    // The ring addresses are aligned (setAddresses); their offsets in the mappings must be too, or
+    // the element indexes below would not name the ring's bytes.
+    if (d.offset % 16 !== 0 || a.offset % 2 !== 0 || u.offset % 4 !== 0) {
+      throw new VirtqueueError(
+        `queue ${this.index}: ring offsets in their regions' mappings are misaligned (desc 0x${
+          d.offset.toString(16)
+        }, avail 0x${a.offset.toString(16)}, used 0x${
+          u.offset.toString(16)
+        }): region uaddr and mmap_offset ` +
+          `must agree modulo 16`,
+      );
+    }
     this.#memory = memory;
     this.#desc = d.region;
     this.#descOff = d.offset;
     this.#avail = a.region;
-    this.#availIdx = (a.offset + 2) >>> 1;
-    this.#availRing = (a.offset + 4) >>> 1;
+    // Offsets are safe integers that may exceed 2^32: divide, never `>>>` (which truncates to 32
+    // bits and once put a ring at 4.5 GiB 4 GiB lower).
+    this.#availIdx = (a.offset + 2) / 2;
+    this.#availRing = (a.offset + 4) / 2;
     this.#used = u.region;
-    this.#usedIdxPos = (u.offset + 2) >>> 1;
-    this.#usedRing = (u.offset + 4) >>> 2;
+    this.#usedIdxPos = (u.offset + 2) / 2;
+    this.#usedRing = (u.offset + 4) / 4;
   }
 
   /** Whether ring memory is mapped. */

@@ -312,3 +312,73 @@ Deno.test("virtqueue suppresses kicks while polling and asks for them again afte
     t.done();
   }
 });
+
+Deno.test("virtqueue on a 6 GiB region with rings above 4 GiB: every ring access lands at its byte", () => {
+  // A sparse memfd: only the pages touched here cost memory.
+  const GiB = 2 ** 30;
+  const g = new TestGuest(6 * GiB);
+  const mem = new GuestMemory();
+  const vq = new VirtQueue(0);
+  const call = new EventFd();
+  try {
+    mem.add(g.region, g.fd);
+    assert.equal(mem.regions[0].u16.length, 3 * GiB, "the u16 view covers the whole region");
+    assert.equal(mem.regions[0].u32.length, 1.5 * GiB, "the u32 view covers the whole region");
+    const base = 4.5 * GiB; // ring at 4.5 GiB: a 32-bit index would put it at 0.5 GiB
+    const ring = new TestRing(g, 8, base);
+    const a = ring.userAddrs;
+    vq.size = 8;
+    vq.setAddresses(a.desc, a.avail, a.used);
+    vq.enabled = true;
+    vq.eventIdx = true;
+    vq.call = call;
+    vq.start(mem);
+    const buf = 5.5 * GiB + 0x123;
+    ring.setDesc(0, buf, 16, NEXT, 1);
+    ring.setDesc(1, 5 * GiB, 8, WRITE);
+    ring.setUsedEvent(0);
+    ring.publish(0);
+    assert.equal(vq.hasWork(), true, "avail->idx is read at 4.5 GiB");
+    const c = new DescriptorChain();
+    assert.equal(vq.pop(c), true);
+    assert.equal(c.head, 0);
+    assert.deepEqual([c.offsets[0], c.offsets[1]], [buf, 5 * GiB], "buffers above 4 GiB");
+    vq.pushUsed(0, 8);
+    assert.equal(vq.flush(), true, "used_event read above 4 GiB");
+    assert.equal(ring.usedIdx, 1, "used->idx written above 4 GiB");
+    assert.deepEqual(ring.usedElem(0), { id: 0, len: 8 });
+    vq.enableNotification();
+    assert.equal(ring.availEvent, 1, "avail_event written above 4 GiB");
+    vq.eventIdx = false;
+    vq.suppressNotification();
+    assert.equal(g.view.getUint16(ring.used, true), 1, "used->flags written above 4 GiB");
+    vq.resumeNotification();
+    // Nothing was written 4 GiB lower (where a 32-bit index would have put the ring).
+    const low = base - 4 * GiB;
+    assert.ok(g.bytes.subarray(low, low + 0x3000).every((b) => b === 0), "no write 4 GiB lower");
+  } finally {
+    vq.reset();
+    call.close();
+    mem.close();
+    g.close();
+  }
+});
+
+Deno.test("virtqueue refuses rings whose offsets in the mapping are misaligned (uaddr and mmap_offset disagree)", () => {
+  const g = new TestGuest(1 << 20);
+  const mem = new GuestMemory();
+  const vq = new VirtQueue(0);
+  try {
+    // The region's uaddr is 16-aligned but its bytes start 2 bytes into the file: ring offsets are odd.
+    mem.add({ ...g.region, mmapOffset: 2n, size: (1n << 20n) - 4096n }, g.fd);
+    const ring = new TestRing(g, 8);
+    const a = ring.userAddrs;
+    vq.size = 8;
+    vq.setAddresses(a.desc, a.avail, a.used);
+    assert.throws(() => vq.start(mem), /misaligned/);
+    assert.equal(vq.mapped, false);
+  } finally {
+    mem.close();
+    g.close();
+  }
+});
