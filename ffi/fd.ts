@@ -3,6 +3,7 @@
  * @module
  */
 import { cstr as cstrOf, libc } from "./_libc.ts";
+import { STAT } from "./_layout.ts";
 import { check, checkAgain, Errno, ErrnoError } from "./errno.ts";
 
 export const O_CLOEXEC = 0o2000000;
@@ -152,4 +153,44 @@ export function listOpenFds(): number[] {
     }
   });
   return out.sort((a, b) => a - b);
+}
+
+/** pipe2(2) with O_CLOEXEC (and O_NONBLOCK if asked): [read end, write end]. */
+export function pipe(options: { nonBlocking?: boolean } = {}): [OwnedFd, OwnedFd] {
+  const fds = new Int32Array(2);
+  check("pipe2", libc.pipe2(new Uint8Array(fds.buffer), O_CLOEXEC | (options.nonBlocking ? O_NONBLOCK : 0)));
+  return [OwnedFd.unsafeAdopt(fds[0], "pipe (read end)"), OwnedFd.unsafeAdopt(fds[1], "pipe (write end)")];
+}
+
+const S_IFMT = 0o170000;
+const FILE_TYPES: Readonly<Record<number, string>> = {
+  0o100000: "regular file",
+  0o040000: "directory",
+  0o020000: "character device",
+  0o060000: "block device",
+  0o010000: "fifo",
+  0o140000: "socket",
+  0o120000: "symbolic link",
+};
+
+/**
+ * What kind of file `fd` is, for checking what a peer handed over before using it: "eventfd" (or
+ * another anon inode's name: "timerfd", "signalfd", ...), "socket", "pipe", "regular file" (memfds,
+ * /dev/shm and hugetlbfs files too), "directory", "character device", "block device", "fifo".
+ * @example
+ * fdKind(new EventFd().fd); // "eventfd"
+ */
+export function fdKind(fd: OwnedFd): string {
+  let link = "";
+  try {
+    link = Deno.readLinkSync(`/proc/self/fd/${fd.unsafeFd}`);
+  } catch { /* no /proc: fall back to the type bits */ }
+  const anon = /^anon_inode:\[?([^\]]+)\]?$/.exec(link);
+  if (anon) return anon[1];
+  if (link.startsWith("pipe:")) return "pipe";
+  if (link.startsWith("socket:")) return "socket";
+  const st = new Uint8Array(STAT.size);
+  check("fstat", libc.fstat(fd.unsafeFd, st), fd.label);
+  const mode = new DataView(st.buffer).getUint32(STAT.mode, true);
+  return FILE_TYPES[mode & S_IFMT] ?? `file of type 0o${(mode & S_IFMT).toString(8)}`;
 }

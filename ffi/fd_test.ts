@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { Errno, ErrnoError } from "./errno.ts";
 import { EventFd } from "./eventfd.ts";
-import { listOpenFds, OpenFlags, openPath, OwnedFd, ownedFdCount } from "./fd.ts";
+import { fdKind, listOpenFds, OpenFlags, openPath, OwnedFd, ownedFdCount, pipe } from "./fd.ts";
 import { fstat, memfdCreate, mkstempIn, ShmFlags, shmOpen, shmUnlink } from "./memory.ts";
 import { listenUnix, socketPair } from "./socket.ts";
 
@@ -101,5 +101,32 @@ Deno.test("OwnedFd setNonBlocking toggles O_NONBLOCK: read returns null instead 
   } finally {
     a.close();
     b.close();
+  }
+});
+
+Deno.test("fdKind names eventfds, sockets, pipes, memfds, directories and devices", () => {
+  using ev = new EventFd();
+  using mem = memfdCreate("kind");
+  using dir = openPath("/tmp", OpenFlags.O_RDONLY);
+  using dev = openPath("/dev/null", OpenFlags.O_RDWR);
+  const [a, b] = socketPair();
+  const [r, w] = pipe();
+  const p = Deno.makeTempFileSync();
+  using file = openPath(p, OpenFlags.O_RDWR);
+  try {
+    assert.equal(fdKind(ev.fd), "eventfd");
+    assert.equal(fdKind(a.fd), "socket");
+    assert.equal(fdKind(mem), "regular file");
+    assert.equal(fdKind(file), "regular file");
+    assert.equal(fdKind(dir), "directory");
+    assert.equal(fdKind(dev), "character device");
+    assert.equal(fdKind(r), "pipe");
+    assert.equal(fdKind(w), "pipe");
+  } finally {
+    r.close();
+    w.close();
+    a.close();
+    b.close();
+    Deno.removeSync(p);
   }
 });

@@ -68,6 +68,30 @@ export function fstat(fd: OwnedFd): { size: number; mode: number } {
   return { size: Number(v.getBigInt64(STAT.size_, true)), mode: v.getUint32(STAT.mode, true) };
 }
 
+const F_ADD_SEALS = 1033;
+const F_GET_SEALS = 1034;
+const F_SEAL_SHRINK = 2;
+const F_SEAL_GROW = 4;
+
+/** Seals a memfd made with `{ sealing: true }` against shrinking and growing (its size is final). */
+export function sealSize(fd: OwnedFd): void {
+  check("fcntl(F_ADD_SEALS)", libc.fcntl(fd.unsafeFd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW), fd.label);
+}
+
+/**
+ * Whether the file can never shrink (a memfd with F_SEAL_SHRINK, as QEMU's memory-backend-memfd
+ * makes by default): a mapping of it cannot later fault with SIGBUS because the owner truncated it.
+ * False for files that cannot be sealed (shm_open objects, hugetlbfs, regular files).
+ */
+export function sealedAgainstShrink(fd: OwnedFd): boolean {
+  const seals = libc.fcntl(fd.unsafeFd, F_GET_SEALS, 0);
+  if (seals === -1) {
+    if (lastErrno() === Errno.EINVAL) return false; // not a sealable file
+    throw new ErrnoError("fcntl(F_GET_SEALS)", lastErrno(), fd.label);
+  }
+  return (seals & F_SEAL_SHRINK) !== 0;
+}
+
 /** Options for mapShared. */
 export interface MapOptions {
   /** Offset into the file (page aligned). */

@@ -7,6 +7,8 @@ import {
   mapShared,
   memfdCreate,
   mkstempIn,
+  sealedAgainstShrink,
+  sealSize,
   ShmFlags,
   shmOpen,
   shmUnlink,
@@ -121,4 +123,23 @@ Deno.test("memory nothing above leaks an fd", () => {
     using _m = mapShared(fd, 4096);
   }
   assert.deepEqual(listOpenFds(), before);
+});
+
+Deno.test("sealedAgainstShrink tells a size-sealed memfd from unsealed ones and from shm objects", () => {
+  using plain = memfdCreate("unsealed");
+  assert.equal(sealedAgainstShrink(plain), false);
+  using sealed = memfdCreate("sealed", { sealing: true });
+  ftruncate(sealed, 8192);
+  assert.equal(sealedAgainstShrink(sealed), false, "sealable but not sealed yet");
+  sealSize(sealed);
+  assert.equal(sealedAgainstShrink(sealed), true);
+  assert.throws(() => ftruncate(sealed, 4096), (e: ErrnoError) => e.syscall === "ftruncate");
+  assert.equal(fstat(sealed).size, 8192);
+  const name = `mpq-seal-test-${Deno.pid}`;
+  using shm = shmOpen(name, ShmFlags.O_RDWR | ShmFlags.O_CREAT | ShmFlags.O_EXCL);
+  try {
+    assert.equal(sealedAgainstShrink(shm), false, "shm objects cannot be sealed");
+  } finally {
+    shmUnlink(name);
+  }
 });

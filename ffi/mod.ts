@@ -4,7 +4,7 @@
  * @module
  */
 export { Errno, ErrnoError, errnoName } from "./errno.ts";
-export { listOpenFds, OpenFlags, openPath, OwnedFd, ownedFdCount } from "./fd.ts";
+export { fdKind, listOpenFds, OpenFlags, openPath, OwnedFd, ownedFdCount, pipe } from "./fd.ts";
 export {
   adoptListener,
   connectUnix,
@@ -26,6 +26,8 @@ export {
   mapShared,
   memfdCreate,
   mkstempIn,
+  sealedAgainstShrink,
+  sealSize,
   ShmFlags,
   shmOpen,
   shmUnlink,
