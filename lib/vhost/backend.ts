@@ -41,11 +41,21 @@ export interface VhostUserDevice {
   startQueue(vq: VirtQueue, ctx: DeviceContext): void;
   /**
    * Buffers are available: pop, process, push used, flush. A VirtqueueError thrown here marks the
-   * queue broken; the engine handles it.
+   * queue broken; the engine handles it. Work per call is bounded (a fair share, then
+   * ctx.process on a later turn), so a driver that keeps refilling cannot starve the messages.
    */
   processQueue(vq: VirtQueue): void;
-  /** The ring stops (GET_VRING_BASE, reset, disconnect): finish or drop the queue's requests. */
+  /**
+   * The ring stops (GET_VRING_BASE, reset, disconnect): pop nothing more and let the requests
+   * already popped complete (the engine waits, with the event loop running, until vq.inFlight is
+   * 0, then publishes the used ring). Must not block.
+   */
   stopQueue(vq: VirtQueue): void;
+  /**
+   * A stop waited STOP_TIMEOUT_MS and requests are still in flight: drop them, so that none of
+   * them completes into guest memory or the ring later.
+   */
+  cancelQueue(vq: VirtQueue): void;
   /** Releases everything (the daemon exits). */
   close(): void;
 }

@@ -2,7 +2,8 @@
  * Socket I/O of one vhost-user connection on the reactor: reads the 12-byte header with recvmsg
  * (the fds travel with it), then the payload, hands each message to the handler and writes the
  * reply. Framing errors (bad version, oversized payload, more than 8 fds) close the connection;
- * the daemon then serves the next one.
+ * the daemon then serves the next one. A message whose handling waits for I/O (a ring stop)
+ * pauses reading: messages are handled strictly in order, and the event loop keeps running.
  * @module
  */
 import type { OwnedFd, Reactor, UnixSocket, Watch } from "../../ffi/mod.ts";
@@ -13,7 +14,10 @@ import { decodeHeader, HEADER_SIZE, MAX_FDS, requestName } from "./message.ts";
 export interface ConnectionOptions {
   /** The reactor the socket is watched on. */
   reactor: Reactor;
-  /** Called once after the connection closed and the handler released everything. */
+  /**
+   * Called once after the connection closed and the handler released everything (after the
+   * device's in-flight requests drained: the next front-end must not be served before).
+   */
   onClose?: (reason: string) => void;
   /** Diagnostics (default console.error). */
   log?: (line: string) => void;
@@ -28,7 +32,7 @@ export interface ConnectionOptions {
 export class VhostUserConnection {
   readonly #sock: UnixSocket;
   readonly #handler: VhostUserHandler;
-  readonly #watch: Watch;
+  #watch: Watch | null;
   readonly #opts: ConnectionOptions;
   readonly #log: (line: string) => void;
   readonly #hdr = new Uint8Array(HEADER_SIZE);
@@ -41,13 +45,19 @@ export class VhostUserConnection {
   #out: { data: Uint8Array<ArrayBuffer>; fds: OwnedFd[] }[] = [];
   #closed = false;
   #wantWrite = false;
+  /** A message's outcome is pending: the socket is not watched meanwhile. */
+  #paused = false;
 
   constructor(sock: UnixSocket, handler: VhostUserHandler, options: ConnectionOptions) {
     this.#sock = sock;
     this.#handler = handler;
     this.#opts = options;
     this.#log = options.log ?? ((l) => console.error(l));
-    this.#watch = options.reactor.add(sock.fd, { readable: true }, (r) => {
+    this.#watch = this.#watchSocket(false);
+  }
+
+  #watchSocket(writable: boolean): Watch {
+    return this.#opts.reactor.add(this.#sock.fd, { readable: true, writable }, (r) => {
       try {
         if (r.writable) this.#flushOut();
         if (r.readable || r.hangup || r.error) this.#onReadable();
@@ -63,7 +73,7 @@ export class VhostUserConnection {
   }
 
   #onReadable(): void {
-    while (!this.#closed) {
+    while (!this.#closed && !this.#paused) {
       if (this.#payload === null) {
         const got = this.#sock.recvMsg(this.#hdr.subarray(this.#hdrGot));
         if (got === null) return;
@@ -113,12 +123,39 @@ export class VhostUserConnection {
         } ${msg.payload.byteLength}B ${msg.fds.length} fd(s)`,
       );
     }
-    let out: Outcome;
+    let out: Outcome | Promise<Outcome>;
     try {
       out = this.#handler.handle(msg);
     } finally {
       for (const f of msg.fds) f?.close();
     }
+    if (!(out instanceof Promise)) return this.#deliver(out);
+    // Stop watching the socket (a hang-up would be reported on every turn) until it settles.
+    this.#paused = true;
+    this.#watch?.remove();
+    this.#watch = null;
+    out.then(
+      (o) => this.#resume(o),
+      (e) => this.#resume({ close: `${requestName(msg.request)}: ${(e as Error).message ?? e}` }),
+    );
+  }
+
+  #resume(out: Outcome): void {
+    this.#paused = false;
+    if (this.#closed) {
+      for (const f of out.fds ?? []) f.close();
+      return;
+    }
+    try {
+      this.#watch = this.#watchSocket(this.#wantWrite);
+      this.#deliver(out);
+      this.#onReadable();
+    } catch (e) {
+      this.close(`${(e as Error).message}`);
+    }
+  }
+
+  #deliver(out: Outcome): void {
     if (out.reply) this.#send(out.reply, out.fds ?? []);
     else for (const f of out.fds ?? []) f.close();
     if (out.close) this.close(out.close);
@@ -134,7 +171,7 @@ export class VhostUserConnection {
       const item = this.#out[0];
       const n = this.#sock.sendMsg(item.data, item.fds);
       if (n === null) {
-        if (!this.#wantWrite) this.#watch.modify({ readable: true, writable: true });
+        if (!this.#wantWrite) this.#watch?.modify({ readable: true, writable: true });
         this.#wantWrite = true;
         return;
       }
@@ -148,24 +185,37 @@ export class VhostUserConnection {
     }
     if (!this.#closed && this.#wantWrite) {
       this.#wantWrite = false;
-      this.#watch.modify({ readable: true });
+      this.#watch?.modify({ readable: true });
     }
   }
 
-  /** Closes the connection: handler cleanup, socket close, onClose. Idempotent. */
+  /**
+   * Closes the connection: socket close, handler cleanup (which may wait for in-flight I/O),
+   * then onClose. Idempotent.
+   */
   close(reason = "closed"): void {
     if (this.#closed) return;
     this.#closed = true;
-    this.#watch.remove();
+    this.#watch?.remove();
+    this.#watch = null;
     for (const f of this.#fds) f.close();
     this.#fds = [];
     for (const o of this.#out) for (const f of o.fds) f.close();
     this.#out = [];
+    this.#sock.close();
+    const done = () => this.#opts.onClose?.(reason);
+    let wait: Promise<void> | void;
     try {
-      this.#handler.close();
-    } finally {
-      this.#sock.close();
-      this.#opts.onClose?.(reason);
+      wait = this.#handler.close();
+    } catch (e) {
+      done();
+      throw e;
     }
+    if (wait) {
+      wait.then(done, (e) => {
+        this.#log(`mpq vhost: closing the connection: ${(e as Error).message ?? e}`);
+        done();
+      });
+    } else done();
   }
 }

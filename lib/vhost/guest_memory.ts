@@ -9,7 +9,14 @@
  * combining them, so the number arithmetic that follows is exact.
  * @module
  */
-import { type MappedRegion, mapShared, type OwnedFd } from "../../ffi/mod.ts";
+import {
+  fdKind,
+  fstat,
+  type MappedRegion,
+  mapShared,
+  type OwnedFd,
+  sealedAgainstShrink,
+} from "../../ffi/mod.ts";
 import type { MemoryRegion } from "./message.ts";
 
 const PAGE = 4096;
@@ -40,6 +47,11 @@ export class GuestRegion {
   readonly view: DataView;
   readonly u16: Uint16Array;
   readonly u32: Uint32Array;
+  /**
+   * The fd was sealed against shrinking (F_SEAL_SHRINK, QEMU's memfd default): the front-end
+   * cannot truncate it under the mapping later. Unsealed files were checked at mapping time only.
+   */
+  sealed = false;
 
   constructor(r: MemoryRegion, map: MappedRegion, base: number) {
     this.guestAddr = Number(r.guestAddr);
@@ -68,10 +80,14 @@ export interface Translation {
   offset: number;
 }
 
-function validate(r: MemoryRegion): void {
-  const what = `region gpa 0x${r.guestAddr.toString(16)} size 0x${r.size.toString(16)} uaddr 0x${
+function describe(r: MemoryRegion): string {
+  return `region gpa 0x${r.guestAddr.toString(16)} size 0x${r.size.toString(16)} uaddr 0x${
     r.userAddr.toString(16)
-  }`;
+  } mmap_offset 0x${r.mmapOffset.toString(16)}`;
+}
+
+function validate(r: MemoryRegion): void {
+  const what = describe(r);
   if (r.size === 0n) throw new GuestMemoryError(`${what}: size is 0`);
   const lim = BigInt(ADDRESS_LIMIT);
   if (r.guestAddr + r.size > lim || r.userAddr + r.size > lim) {
@@ -79,6 +95,34 @@ function validate(r: MemoryRegion): void {
   }
   if (r.mmapOffset + r.size > lim) {
     throw new GuestMemoryError(`${what}: mmap offset 0x${r.mmapOffset.toString(16)} too large`);
+  }
+  // Ring fields are read through u16/u32 views of the mapping: an aligned ring address must land
+  // at an aligned offset, so uaddr and mmap_offset must agree modulo 16 (QEMU's are page aligned).
+  if ((r.userAddr - r.mmapOffset) % 16n !== 0n) {
+    throw new GuestMemoryError(
+      `${what}: uaddr and mmap_offset differ modulo 16, so aligned rings would be misaligned in the mapping`,
+    );
+  }
+}
+
+/**
+ * Checks the fd against reality before it is mapped: a memory file (not a socket, pipe or device)
+ * holding at least mmap_offset + size bytes (touching a mapping beyond the end of the file would
+ * kill the process with SIGBUS).
+ */
+function checkFd(r: MemoryRegion, fd: OwnedFd): void {
+  const kind = fdKind(fd);
+  if (kind !== "regular file") {
+    throw new GuestMemoryError(
+      `${describe(r)}: the fd is a ${kind}, expected a memory file (memfd, /dev/shm or hugetlbfs file)`,
+    );
+  }
+  const { size } = fstat(fd);
+  const need = r.mmapOffset + r.size;
+  if (BigInt(size) < need) {
+    throw new GuestMemoryError(
+      `${describe(r)}: the fd holds ${size} bytes, fewer than mmap_offset + size = ${need}`,
+    );
   }
 }
 
@@ -102,10 +146,12 @@ export class GuestMemory {
 
   /**
    * Maps `fd` for region `r` (the fd stays with the caller and may be closed afterwards).
-   * Refuses regions overlapping an existing one in guest-physical or virtual space.
+   * Refuses regions overlapping an existing one in guest-physical or virtual space, fds that are
+   * not memory files or are smaller than mmap_offset + size, and misaligned uaddr/mmap_offset.
    */
   add(r: MemoryRegion, fd: OwnedFd): GuestRegion {
     validate(r);
+    checkFd(r, fd);
     for (const o of this.#regions) {
       const g = Number(r.guestAddr), u = Number(r.userAddr), s = Number(r.size);
       if (g < o.guestAddr + o.size && o.guestAddr < g + s) {
@@ -120,6 +166,7 @@ export class GuestMemory {
     const base = off - mapOff;
     const map = mapShared(fd, Number(r.size) + base, { offset: mapOff });
     const region = new GuestRegion(r, map, base);
+    region.sealed = sealedAgainstShrink(fd);
     this.#regions.push(region);
     return region;
   }

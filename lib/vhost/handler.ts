@@ -8,11 +8,14 @@
  */
 import {
   EventFd,
+  fdKind,
+  fstat,
   ftruncate,
   type MappedRegion,
   mapShared,
   memfdCreate,
   type OwnedFd,
+  sealSize,
   type Watch,
 } from "../../ffi/mod.ts";
 import type { DeviceContext, VhostUserDevice } from "./backend.ts";
@@ -55,6 +58,11 @@ export const TRANSPORT_FEATURES = bit(VirtioFeature.VERSION_1) | bit(VirtioFeatu
 
 /** Memory slots offered with CONFIGURE_MEM_SLOTS. */
 export const MAX_MEM_SLOTS = 32;
+/**
+ * How long stopping a ring (GET_VRING_BASE, reset, disconnect) waits for the device's in-flight
+ * requests, with the event loop running, before the device is told to drop them.
+ */
+export const STOP_TIMEOUT_MS = 5000;
 
 /** One received message; fds are owned by the message until a handler takes them. */
 export interface Message {
@@ -64,7 +72,10 @@ export interface Message {
   fds: (OwnedFd | null)[];
 }
 
-/** What the connection must do after a message. */
+/**
+ * What the connection must do after a message. A message whose handling waits for I/O (a ring
+ * stop) yields a Promise of it: the connection reads no further message until it settles.
+ */
 export interface Outcome {
   /** An encoded reply to send (flags 0x5). */
   reply?: Uint8Array<ArrayBuffer>;
@@ -79,7 +90,7 @@ interface Result {
   fds?: OwnedFd[];
 }
 
-type Handler = (m: Message) => Result | void;
+type Handler = (m: Message) => Result | void | Promise<Result | void>;
 
 interface Entry {
   fn: Handler;
@@ -113,8 +124,21 @@ export class VhostUserHandler {
   readonly #log: (line: string) => void;
   readonly #onKick: ((q: VirtQueue) => void) | undefined;
   #inflightMap: MappedRegion | null = null;
-  /** Mappings replaced while I/O may still point into them: unmapped on close(). */
-  #retired: { close(): void }[] = [];
+  /**
+   * Mappings replaced while I/O may still point into them, each with every queue's retire mark
+   * at the time: unmapped as soon as everything popped before it has completed.
+   */
+  #retired: { what: { close(): void }; marks: number[] }[] = [];
+  #releaseScheduled = false;
+  readonly #onComplete = (): void => {
+    if (this.#releaseScheduled) return;
+    this.#releaseScheduled = true;
+    queueMicrotask(() => {
+      this.#releaseScheduled = false;
+      this.#releaseRetired();
+    });
+  };
+  #closing: Promise<void> | null = null;
   #closed = false;
 
   constructor(device: VhostUserDevice, ctx: DeviceContext, options: HandlerOptions = {}) {
@@ -168,10 +192,9 @@ export class VhostUserHandler {
    * The dispatcher: runs the request's handler, closes fds it did not take, and builds the reply
    * (its own reply, a REPLY_ACK ack with 0 on success and non-zero on failure, or nothing).
    */
-  handle(m: Message): Outcome {
+  handle(m: Message): Outcome | Promise<Outcome> {
     const entry = this.#table.get(m.request);
-    const ackWanted = (m.flags & Flags.NEED_REPLY) !== 0;
-    let result: Result | void = undefined;
+    let result: Result | void | Promise<Result | void> = undefined;
     let failure: string | null = null;
     if (!entry) {
       failure = `${requestName(m.request)} is not supported`;
@@ -179,15 +202,30 @@ export class VhostUserHandler {
       try {
         result = entry.fn(m);
       } catch (e) {
-        if (!(e instanceof Error)) throw e;
-        const name = requestName(m.request);
-        failure = e.message.startsWith(`${name}:`) ? e.message : `${name}: ${e.message}`;
+        failure = this.#failureText(m, e);
       }
     }
     for (let i = 0; i < m.fds.length; i++) {
       m.fds[i]?.close();
       m.fds[i] = null;
     }
+    if (result instanceof Promise) {
+      return result.then(
+        (r) => this.#outcome(m, entry, r, null),
+        (e) => this.#outcome(m, entry, undefined, this.#failureText(m, e)),
+      );
+    }
+    return this.#outcome(m, entry, result, failure);
+  }
+
+  #failureText(m: Message, e: unknown): string {
+    if (!(e instanceof Error)) throw e;
+    const name = requestName(m.request);
+    return e.message.startsWith(`${name}:`) ? e.message : `${name}: ${e.message}`;
+  }
+
+  #outcome(m: Message, entry: Entry | undefined, result: Result | void, failure: string | null): Outcome {
+    const ackWanted = (m.flags & Flags.NEED_REPLY) !== 0;
     if (failure !== null) {
       this.#log(`mpq vhost: ${failure}`);
       if (entry?.replies) return { close: failure };
@@ -205,16 +243,32 @@ export class VhostUserHandler {
     return {};
   }
 
-  /** The front-end went away: stop every ring, drop every mapping and fd. */
-  close(): void {
+  /**
+   * The front-end went away: stop every ring (the device finishes what it popped, with the event
+   * loop running), then drop every mapping and fd. Returns a Promise when requests were in flight;
+   * the next front-end must not be served before it settles (the device is shared).
+   */
+  close(): Promise<void> | void {
+    if (this.#closing) return this.#closing;
     if (this.#closed) return;
-    this.#closed = true;
-    for (const q of this.queues) this.#resetQueue(q);
-    this.memory?.close();
-    this.memory = null;
-    this.#inflightMap?.close();
-    this.#inflightMap = null;
-    for (const r of this.#retired.splice(0)) r.close();
+    const release = () => {
+      this.#closed = true;
+      this.#closing = null;
+      this.memory?.close();
+      this.memory = null;
+      this.#inflightMap?.close();
+      this.#inflightMap = null;
+      for (const r of this.#retired.splice(0)) r.what.close();
+    };
+    const wait = this.#resetQueues();
+    if (!wait) return release();
+    this.#closing = wait.then(release, release);
+    return this.#closing;
+  }
+
+  /** Mappings waiting for in-flight I/O before they are unmapped. */
+  get retiredMappings(): number {
+    return this.#retired.length;
   }
 
   // ---- helpers ----
@@ -241,22 +295,59 @@ export class VhostUserHandler {
     this.#kickWatches[q.index] = null;
   }
 
-  #stopQueue(q: VirtQueue): number {
+  /**
+   * Stops a ring and returns its next avail index (GET_VRING_BASE's answer): the device pops
+   * nothing more and finishes what it popped (pending writethrough flushes included) while the
+   * event loop runs; then the used ring is published and the queue's views dropped. A Promise when
+   * requests were in flight; after STOP_TIMEOUT_MS the device is told to drop them.
+   */
+  #stopQueue(q: VirtQueue): number | Promise<number> {
     this.#unwatchKick(q);
-    if (q.started) {
-      try {
-        this.device.stopQueue(q);
-        q.flush();
-      } catch (e) {
-        this.#log(`mpq vhost: queue ${q.index} stop: ${(e as Error).message}`);
-      }
+    if (!q.started) return q.stop();
+    q.stopping = true;
+    try {
+      this.device.stopQueue(q);
+    } catch (e) {
+      this.#log(`mpq vhost: queue ${q.index} stop: ${(e as Error).message}`);
+    }
+    if (q.inFlight === 0) return this.#finishStop(q);
+    return this.#drain(q).then(() => this.#finishStop(q));
+  }
+
+  async #drain(q: VirtQueue): Promise<void> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = new Promise<boolean>((r) => timer = setTimeout(() => r(true), STOP_TIMEOUT_MS));
+    const late = await Promise.race([q.whenIdle().then(() => false), timedOut]);
+    clearTimeout(timer);
+    if (!late) return;
+    this.#log(
+      `mpq vhost: queue ${q.index}: ${q.inFlight} request(s) still in flight after ${STOP_TIMEOUT_MS} ms: dropped`,
+    );
+    try {
+      this.device.cancelQueue(q);
+    } catch (e) {
+      this.#log(`mpq vhost: queue ${q.index} cancel: ${(e as Error).message}`);
+    }
+  }
+
+  #finishStop(q: VirtQueue): number {
+    try {
+      q.flush();
+    } catch (e) {
+      this.#log(`mpq vhost: queue ${q.index} stop: ${(e as Error).message}`);
     }
     return q.stop();
   }
 
-  #resetQueue(q: VirtQueue): void {
-    this.#stopQueue(q);
-    q.reset();
+  /** Stops and forgets every ring (RESET_DEVICE, disconnect); a Promise while requests drain. */
+  #resetQueues(): Promise<void> | void {
+    const waits: Promise<void>[] = [];
+    for (const q of this.queues) {
+      const r = this.#stopQueue(q);
+      if (typeof r === "number") q.reset();
+      else waits.push(r.then(() => q.reset()));
+    }
+    if (waits.length > 0) return Promise.all(waits).then(() => {});
   }
 
   /** Runs the device on a queue; a broken ring or bad address marks the queue broken. */
@@ -291,12 +382,19 @@ export class VhostUserHandler {
     }
   }
 
+  /**
+   * After a memory-table change: every started ring is translated through the new table. A ring
+   * that no longer translates drops its views (before anything is unmapped) and is broken.
+   */
   #remapQueues(): void {
     for (const q of this.queues) {
-      if (!q.started || !this.memory) continue;
+      if (!q.started) continue;
       try {
+        if (!this.memory) throw new VhostMessageError("no memory table");
         q.map(this.memory);
       } catch (e) {
+        q.unmap();
+        if (!q.broken) this.ctx.metrics.brokenQueues++;
         q.fail();
         this.#log(`mpq vhost: queue ${q.index} stopped: ${(e as Error).message}`);
       }
@@ -337,12 +435,18 @@ export class VhostUserHandler {
     this.owner = true;
   }
 
-  #resetDevice(m: Message): void {
+  #resetDevice(m: Message): Promise<void> | void {
     if (m.payload.byteLength !== 0) {
       throw new VhostMessageError(`payload of ${m.payload.byteLength} bytes, expected 0`);
     }
-    for (const q of this.queues) this.#resetQueue(q);
-    this.features = 0n;
+    const wait = this.#resetQueues();
+    if (!wait) {
+      this.features = 0n;
+      return;
+    }
+    return wait.then(() => {
+      this.features = 0n;
+    });
   }
 
   #setMemTable(m: Message): void {
@@ -363,15 +467,24 @@ export class VhostUserHandler {
     if (old) this.#retire(old);
   }
 
+  /**
+   * Unmaps a replaced mapping as soon as every request popped before now has completed (at once
+   * when none is in flight). Queue views never point into it: they were remapped or dropped.
+   */
   #retire(what: { close(): void }): void {
-    // With no I/O in flight nothing can point into the old mapping: unmap now.
-    if (this.queues.every((q) => !q.started || q.unpublished === 0) && !this.#asyncPending()) what.close();
-    else this.#retired.push(what);
+    this.#retired.push({ what, marks: this.queues.map((q) => q.retireMark()) });
+    this.#releaseRetired();
   }
 
-  #asyncPending(): boolean {
-    const d = this.device as { pending?: number };
-    return (d.pending ?? 0) > 0;
+  #releaseRetired(): void {
+    const keep = this.#retired.filter((r) => {
+      if (!this.queues.every((q, i) => q.completedBefore(r.marks[i]))) return true;
+      r.what.close();
+      return false;
+    });
+    this.#retired = keep;
+    const hook = keep.length > 0 ? this.#onComplete : null;
+    for (const q of this.queues) q.onComplete = hook;
   }
 
   #getMaxMemSlots(m: Message): Result {
@@ -436,24 +549,44 @@ export class VhostUserHandler {
     q.lastAvail = s.num;
   }
 
-  #getVringBase(m: Message): Result {
+  #getVringBase(m: Message): Result | Promise<Result> {
     const s = decodeVringState(m.request, m.payload);
     const q = this.#queue(s.index);
+    const reply = (num: number): Result => {
+      q.kick?.close();
+      q.kick = null;
+      return { payload: encodeVringState({ index: s.index, num }) };
+    };
     const num = this.#stopQueue(q);
-    q.kick?.close();
-    q.kick = null;
-    return { payload: encodeVringState({ index: s.index, num }) };
+    return typeof num === "number" ? reply(num) : num.then(reply);
   }
 
-  #vringFile(m: Message): { q: VirtQueue; fd: OwnedFd | null } {
+  /**
+   * The queue and the eventfd of SET_VRING_KICK/CALL/ERR. The fd must really be an eventfd (a
+   * pipe or socket would be read and written as one); it is made non-blocking, so a counter or
+   * peer that cannot take a signal never blocks the daemon.
+   */
+  #vringFile(m: Message, what: string): { q: VirtQueue; fd: OwnedFd | null } {
     const f = decodeVringFile(m.request, m.payload);
     const q = this.#queue(f.index);
     const fd = f.noFd ? (this.#take(m, 0), null) : this.#take(m, 1)[0];
+    if (fd) {
+      try {
+        const kind = fdKind(fd);
+        if (kind !== "eventfd") {
+          throw new VhostMessageError(`queue ${q.index}: the ${what} fd is a ${kind}, expected an eventfd`);
+        }
+        fd.setNonBlocking(true);
+      } catch (e) {
+        fd.close();
+        throw e;
+      }
+    }
     return { q, fd };
   }
 
   #setVringKick(m: Message): void {
-    const { q, fd } = this.#vringFile(m);
+    const { q, fd } = this.#vringFile(m, "kick");
     this.#unwatchKick(q);
     q.kick?.close();
     q.kick = null;
@@ -476,13 +609,13 @@ export class VhostUserHandler {
   }
 
   #setVringCall(m: Message): void {
-    const { q, fd } = this.#vringFile(m);
+    const { q, fd } = this.#vringFile(m, "call");
     q.call?.close();
     q.call = fd ? new EventFd(fd) : null;
   }
 
   #setVringErr(m: Message): void {
-    const { q, fd } = this.#vringFile(m);
+    const { q, fd } = this.#vringFile(m, "err");
     q.err?.close();
     q.err = fd ? new EventFd(fd) : null;
   }
@@ -524,9 +657,10 @@ export class VhostUserHandler {
       throw new VhostMessageError(`inflight queue size ${p.queueSize} not in 1..${MAX_QUEUE_SIZE}`);
     }
     const size = p.numQueues * inflightQueueSize(p.queueSize);
-    const fd = memfdCreate("mpq-vhost-inflight");
+    const fd = memfdCreate("mpq-vhost-inflight", { sealing: true });
     try {
       ftruncate(fd, size);
+      sealSize(fd); // the front-end cannot shrink it under our mapping
     } catch (e) {
       fd.close();
       throw e;
@@ -557,6 +691,23 @@ export class VhostUserHandler {
           `inflight area of ${p.mmapSize} bytes, expected ${
             per * p.numQueues
           } for ${p.numQueues} x ${p.queueSize}`,
+        );
+      }
+      const kind = fdKind(fd);
+      if (kind !== "regular file") {
+        throw new VhostMessageError(`the inflight fd is a ${kind}, expected a memory file (memfd)`);
+      }
+      const have = BigInt(fstat(fd).size);
+      if (have < p.mmapOffset + p.mmapSize) {
+        throw new VhostMessageError(
+          `the inflight fd holds ${have} bytes, fewer than mmap_offset + mmap_size = ${
+            p.mmapOffset + p.mmapSize
+          }`,
+        );
+      }
+      if (p.mmapOffset % 4096n !== 0n) {
+        throw new VhostMessageError(
+          `inflight mmap_offset 0x${p.mmapOffset.toString(16)} is not page aligned`,
         );
       }
       const map = mapShared(fd, Number(p.mmapSize), { offset: p.mmapOffset });

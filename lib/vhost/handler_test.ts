@@ -38,7 +38,9 @@ function send(
   flags = ACK,
 ) {
   const m: Message = { request, flags, payload, fds };
-  return h.handle(m);
+  const o = h.handle(m);
+  assert.ok(!(o instanceof Promise), "this message is handled at once (nothing in flight)");
+  return o;
 }
 
 function ack(o: Outcome): bigint {

@@ -75,6 +75,13 @@ export class VirtQueue {
   inflight: InflightQueue | null = null;
   /** Calls signalled, for metrics. */
   notifications = 0;
+  /**
+   * Stopping: the device finishes what it popped but pops nothing new (GET_VRING_BASE, reset and
+   * disconnect wait for the in-flight count to reach 0 without blocking the event loop).
+   */
+  stopping = false;
+  /** Called after each used element while set (the handler releases retired mappings from here). */
+  onComplete: (() => void) | null = null;
 
   #memory: GuestMemory | null = null;
   #desc: GuestRegion | null = null;
@@ -90,6 +97,13 @@ export class VirtQueue {
   #batch = new Uint16Array(MAX_QUEUE_SIZE);
   #batchN = 0;
   #suppressed = false;
+  // In-flight accounting: a chain is in flight from pop() to its pushUsed(). Each pop gets a serial
+  // number, so "everything popped before now has completed" can be asked later (retireMark()).
+  readonly #busy = new Uint8Array(MAX_QUEUE_SIZE);
+  readonly #serial = new Float64Array(MAX_QUEUE_SIZE);
+  #popSerial = 0;
+  #inFlight = 0;
+  #idleWaiters: (() => void)[] = [];
 
   constructor(index: number) {
     this.index = index;
@@ -121,18 +135,8 @@ export class VirtQueue {
     const d = memory.translateUser(this.descAddr, 16 * n);
     const a = memory.translateUser(this.availAddr, 6 + 2 * n);
     const u = memory.translateUser(this.usedAddr, 6 + 8 * n);
-    // The ring addresses are aligned (setAddresses); their offsets in the mappings must be too, or
-    // the element indexes below would not name the ring's bytes.
-    if (d.offset % 16 !== 0 || a.offset % 2 !== 0 || u.offset % 4 !== 0) {
-      throw new VirtqueueError(
-        `queue ${this.index}: ring offsets in their regions' mappings are misaligned (desc 0x${
-          d.offset.toString(16)
-        }, avail 0x${a.offset.toString(16)}, used 0x${
-          u.offset.toString(16)
-        }): region uaddr and mmap_offset ` +
-          `must agree modulo 16`,
-      );
-    }
+    // The ring addresses are aligned (setAddresses) and GuestMemory.add made uaddr and mmap_offset
+    // agree modulo 16, so the offsets are aligned too and the divisions below are exact.
     this.#memory = memory;
     this.#desc = d.region;
     this.#descOff = d.offset;
@@ -162,7 +166,9 @@ export class VirtQueue {
     this.#batchN = 0;
     this.#resubmit = [];
     this.broken = false;
+    this.stopping = false;
     this.#suppressed = false;
+    this.#clearInFlight();
     if (this.inflight) {
       const heads = this.inflight.recover(this.usedIdx);
       for (const h of heads) {
@@ -181,14 +187,67 @@ export class VirtQueue {
   /** Stops the ring; returns the next available index (GET_VRING_BASE's answer). */
   stop(): number {
     this.started = false;
+    this.stopping = false;
+    this.unmap();
+    return this.lastAvail;
+  }
+
+  /**
+   * Drops every view of ring memory (before the mapping it points into may be unmapped). A started
+   * queue without views does no ring access: it is broken until it is mapped and started again.
+   */
+  unmap(): void {
     this.#desc = this.#avail = this.#used = null;
     this.#memory = null;
-    return this.lastAvail;
   }
 
   /** Started, enabled and not broken. */
   get ready(): boolean {
-    return this.started && this.enabled && !this.broken;
+    return this.started && this.enabled && !this.broken && !this.stopping;
+  }
+
+  /** Chains popped and not yet completed (pushUsed) by the device. */
+  get inFlight(): number {
+    return this.#inFlight;
+  }
+
+  /** Resolves once no chain is in flight (at once if none is). */
+  whenIdle(): Promise<void> {
+    if (this.#inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#idleWaiters.push(resolve));
+  }
+
+  /** A mark for {@link completedBefore}: the serial of the latest pop so far. */
+  retireMark(): number {
+    return this.#popSerial;
+  }
+
+  /** Whether every chain popped up to `mark` has completed. */
+  completedBefore(mark: number): boolean {
+    if (this.#inFlight === 0) return true;
+    const n = this.#busy.length;
+    for (let h = 0; h < n; h++) {
+      if (this.#busy[h] === 1 && this.#serial[h] <= mark) return false;
+    }
+    return true;
+  }
+
+  #begin(head: number): void {
+    if (this.#busy[head] === 1) {
+      throw new VirtqueueError(`queue ${this.index}: head ${head} made available again while in flight`);
+    }
+    this.#busy[head] = 1;
+    this.#serial[head] = ++this.#popSerial;
+    this.#inFlight++;
+  }
+
+  /** Forgets every in-flight chain (the device dropped them) and wakes whoever waits for idle. */
+  #clearInFlight(): void {
+    this.#busy.fill(0);
+    this.#inFlight = 0;
+    const waiters = this.#idleWaiters;
+    this.#idleWaiters = [];
+    for (const w of waiters) w();
   }
 
   /** The driver's avail->idx. */
@@ -208,8 +267,11 @@ export class VirtQueue {
 
   /** Pops the next chain into `chain`; false when the ring is empty. Throws VirtqueueError. */
   pop(chain: DescriptorChain): boolean {
+    if (this.#avail === null) return false; // not mapped (stopped, or broken by a failed remap)
     if (this.#resubmit.length > 0) {
-      this.#walk(this.#resubmit.shift()!, chain);
+      const head = this.#resubmit.shift()!;
+      this.#walk(head, chain);
+      this.#begin(head);
       return true;
     }
     const avail = this.availIdx();
@@ -224,6 +286,7 @@ export class VirtQueue {
     const head = this.#avail!.u16[this.#availRing + (last & (this.size - 1))];
     this.lastAvail = (last + 1) & 0xffff;
     this.#walk(head, chain);
+    this.#begin(head);
     this.inflight?.begin(head);
     return true;
   }
@@ -317,6 +380,15 @@ export class VirtQueue {
 
   /** Adds a used element (not yet visible to the driver: see flush()). */
   pushUsed(head: number, len: number): void {
+    if (head < MAX_QUEUE_SIZE && this.#busy[head] === 1) {
+      this.#busy[head] = 0;
+      if (--this.#inFlight === 0 && this.#idleWaiters.length > 0) {
+        const waiters = this.#idleWaiters;
+        this.#idleWaiters = [];
+        for (const w of waiters) w();
+      }
+    }
+    if (this.onComplete !== null) this.onComplete();
     if (this.#batchN >= MAX_QUEUE_SIZE) this.flush();
     const used = this.#used;
     if (!used) return; // stopped meanwhile: the front-end owns the ring now
@@ -417,5 +489,6 @@ export class VirtQueue {
     this.inflight = null;
     this.#resubmit = [];
     this.#batchN = 0;
+    this.#clearInFlight();
   }
 }

@@ -22,7 +22,7 @@ import type { DeviceContext, VhostUserDevice } from "../backend.ts";
 import type { GuestRegion } from "../guest_memory.ts";
 import { bit, MAX_CONFIG_SIZE } from "../message.ts";
 import type { QueueMetrics } from "../metrics.ts";
-import { DescriptorChain, type VirtQueue, VirtqueueError } from "../virtqueue.ts";
+import { DescriptorChain, type VirtQueue } from "../virtqueue.ts";
 import {
   type BlkIoEngine,
   type BlkIoRequest,
@@ -87,8 +87,6 @@ const MAX_PASSES = 4;
  * IOPS and less CPU per I/O than whole-ring passes; writethrough on ext4 no worse.
  */
 const PASS_BATCH = 16;
-/** How long stopping a queue waits for its requests. */
-const STOP_TIMEOUT_MS = 5000;
 
 /** Which I/O engine: "auto" picks the best available. */
 export type EngineChoice = "auto" | "uring" | "vmcopy" | "preadv";
@@ -164,8 +162,6 @@ class BlkRequest implements BlkIoRequest {
   start = 0;
   /** Writethrough: what the write returned while it waits for its flush. */
   writeResult = 0;
-  /** Between pop and completion. */
-  busy = false;
 
   constructor(q: BlkQueue) {
     this.q = q;
@@ -320,7 +316,6 @@ class BlkQueue {
   }
 
   finish(req: BlkRequest, status: number, usedLen: number): void {
-    req.busy = false;
     if (req.statusRegion) req.statusRegion.bytes[req.statusOff] = status;
     const m = this.metrics;
     m.requests++;
@@ -421,13 +416,6 @@ export class BlkDevice implements VhostUserDevice {
     this.#fillConfig();
   }
 
-  /** Requests queued or in flight in the engines. */
-  get pending(): number {
-    let n = 0;
-    for (const q of this.#queues) n += q?.engine.pending ?? 0;
-    return n;
-  }
-
   #fillConfig(): void {
     const v = new DataView(this.#config.buffer);
     const sectorsPerBlock = this.blkSize / SECTOR;
@@ -489,37 +477,21 @@ export class BlkDevice implements VhostUserDevice {
   }
 
   /**
-   * Completes every request of the queue before the ring stops (GET_VRING_BASE, disconnect), so no
-   * completion lands after the front-end took the ring back or guest memory was unmapped. An
-   * asynchronous engine is pumped until idle; one stuck for STOP_TIMEOUT_MS is closed (it waits
-   * for the kernel, drops the completions: with inflight tracking they are resubmitted later).
+   * The ring stops: no more passes (the engine stops popping); what was popped completes through
+   * the engine and the durability flush from the reactor, and the handler waits for vq.inFlight.
    */
   stopQueue(vq: VirtQueue): void {
     const q = this.#queues[vq.index];
-    if (!q || (q.engine.pending === 0 && !q.durabilityPending)) return;
-    const deadline = performance.now() + STOP_TIMEOUT_MS;
-    q.inKick = true;
-    try {
-      while ((q.engine.pending > 0 || q.durabilityPending) && performance.now() < deadline) {
-        q.engine.submit();
-        while (q.requeued) {
-          q.requeued = false;
-          if (q.startDurabilityFlush()) q.engine.submit();
-        }
-      }
-    } finally {
-      q.inKick = false;
-    }
-    q.publish();
-    const left = q.engine.pending;
-    if (left > 0) {
-      q.engine.close();
-      q.removePoller?.();
-      this.#queues[vq.index] = undefined;
-      throw new Error(
-        `queue ${vq.index}: ${left} request(s) still in flight after ${STOP_TIMEOUT_MS} ms`,
-      );
-    }
+    if (q) q.resume = false;
+  }
+
+  /** The stop timed out: close the queue's engine, dropping its completions (see BlkIoEngine.close). */
+  cancelQueue(vq: VirtQueue): void {
+    const q = this.#queues[vq.index];
+    if (!q) return;
+    q.engine.close();
+    q.removePoller?.();
+    this.#queues[vq.index] = undefined;
   }
 
   processQueue(vq: VirtQueue): void {
@@ -553,11 +525,8 @@ export class BlkDevice implements VhostUserDevice {
 
   /** Parses one chain and queues its I/O (or completes it at once). */
   #request(q: BlkQueue, c: DescriptorChain): void {
+    // (A head popped again while in flight was refused by VirtQueue.pop.)
     const req = q.slot(c.head);
-    if (req.busy) {
-      throw new VirtqueueError(`queue ${q.vq.index}: head ${c.head} made available again while in flight`);
-    }
-    req.busy = true;
     req.head = c.head;
     req.start = q.stamp;
     req.statusRegion = null;

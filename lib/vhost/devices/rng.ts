@@ -10,6 +10,10 @@ import { DescriptorChain, type VirtQueue } from "../virtqueue.ts";
 
 /** Most bytes handed out per request (a guest asks for 64 at a time; cap a greedy one). */
 export const RNG_MAX_REQUEST = 64 * 1024;
+/** Rings' worth of requests one call serves before letting the reactor run (as blk's MAX_PASSES). */
+export const RNG_FAIR_SHARE = 4;
+/** Random bytes one call hands out at most before letting the reactor run. */
+export const RNG_TURN_BYTES = 1 << 20;
 
 /**
  * @example
@@ -21,6 +25,9 @@ export class RngDevice implements VhostUserDevice {
   readonly numQueues = 1;
   readonly #chain = new DescriptorChain();
   #metrics: Metrics | null = null;
+  /** Per queue: a pass stopped at its fair share with buffers left (continued on the next turn). */
+  readonly #resume: boolean[] = [];
+  readonly #pollers: (() => void)[] = [];
 
   readConfig(_offset: number, size: number): Uint8Array {
     return new Uint8Array(size);
@@ -32,17 +39,36 @@ export class RngDevice implements VhostUserDevice {
 
   setFeatures(_features: bigint): void {}
 
-  startQueue(_vq: VirtQueue, ctx: DeviceContext): void {
+  startQueue(vq: VirtQueue, ctx: DeviceContext): void {
     this.#metrics = ctx.metrics;
+    this.#resume[vq.index] = false;
+    this.#pollers[vq.index]?.();
+    // Continues a ring left with buffers after a fair share, once the reactor has served the rest
+    // (vhost-user messages, other queues).
+    this.#pollers[vq.index] = ctx.reactor.addPoller(() => {
+      if (!this.#resume[vq.index]) return false;
+      this.#resume[vq.index] = false;
+      ctx.process?.(vq);
+      return this.#resume[vq.index];
+    });
   }
 
-  stopQueue(_vq: VirtQueue): void {}
+  stopQueue(vq: VirtQueue): void {
+    this.#resume[vq.index] = false;
+  }
+
+  /** Requests complete within processQueue: nothing can be left in flight. */
+  cancelQueue(_vq: VirtQueue): void {}
 
   processQueue(vq: VirtQueue): void {
     const c = this.#chain;
     const m = this.#metrics?.queue(vq.index);
+    // Fairness, as blk: at most RNG_FAIR_SHARE rings' worth (or RNG_TURN_BYTES) per call.
+    const budget = RNG_FAIR_SHARE * vq.size;
+    let served = 0;
+    let bytes = 0;
     do {
-      while (vq.pop(c)) {
+      while (served < budget && bytes < RNG_TURN_BYTES && vq.pop(c)) {
         const t0 = performance.now();
         let given = 0;
         for (let i = 0; i < c.count && given < RNG_MAX_REQUEST; i++) {
@@ -52,6 +78,8 @@ export class RngDevice implements VhostUserDevice {
           given += len;
         }
         vq.pushUsed(c.head, given);
+        served++;
+        bytes += given;
         if (m) {
           m.requests++;
           m.readBytes += given;
@@ -59,8 +87,15 @@ export class RngDevice implements VhostUserDevice {
         }
       }
       vq.flush();
+      if ((served >= budget || bytes >= RNG_TURN_BYTES) && vq.hasWork()) {
+        this.#resume[vq.index] = true;
+        return;
+      }
     } while (vq.enableNotification());
   }
 
-  close(): void {}
+  close(): void {
+    for (const remove of this.#pollers) remove?.();
+    this.#pollers.length = 0;
+  }
 }
