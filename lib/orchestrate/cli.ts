@@ -8,7 +8,7 @@ import { InputError, UsageError } from "../cli/errors.ts";
 import { selfCommand } from "../cli/self.ts";
 import { DEMO_INTRO, demoTopology, watchDemo } from "./demo.ts";
 import { formatPlan, planTopology } from "./plan.ts";
-import { QmpClient } from "./qmp.ts";
+import { QmpClient, QmpClosedError, QmpError } from "./qmp.ts";
 import { runPlan } from "./supervise.ts";
 import { parseTopology, type Topology, TopologyError } from "./topology.ts";
 
@@ -176,9 +176,15 @@ export async function qmpMain(args: string[]): Promise<number> {
     } catch (e) {
       throw new InputError(`cannot connect to QMP socket ${socket}: ${(e as Error).message}`);
     }
-    const greeting = await qmp.greeting;
-    if (parsed.values.greeting) console.error(JSON.stringify({ QMP: greeting }, null, 2));
-    await qmp.execute("qmp_capabilities");
+    try {
+      const greeting = await qmp.greeting;
+      if (parsed.values.greeting) console.error(JSON.stringify({ QMP: greeting }, null, 2));
+      await qmp.execute("qmp_capabilities");
+    } catch (e) {
+      // QEMU went away or broke the protocol before our command: an error naming it, not a crash.
+      if (e instanceof QmpClosedError || e instanceof QmpError) throw new InputError(e.message);
+      throw e;
+    }
     try {
       const result = await qmp.execute(command, cmdArgs);
       console.log(JSON.stringify(result ?? {}, null, 2));

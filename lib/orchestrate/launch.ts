@@ -18,7 +18,7 @@ import {
   type UnixSocket,
   unlinkPath,
 } from "../../ffi/mod.ts";
-import { matchesExpectation, QmpClient, QmpError, type QmpGreeting } from "./qmp.ts";
+import { matchesExpectation, QmpClient, QmpError, type QmpGreeting, QmpProtocolError } from "./qmp.ts";
 import { withParentDeathSignal } from "./pdeathsig.ts";
 import type { Plan, PlannedProcess, PlannedQmpCommand } from "./plan.ts";
 
@@ -281,13 +281,23 @@ export class Vm {
           throw new LaunchError(`${p.name}: QMP connect to ${res.path} failed: ${(e as Error).message}`);
         }
         this.#qmp = qmp;
+        void qmp.closed.then(() => {
+          // Losing QMP to a protocol error while the VM runs is worth a line: teardown then falls
+          // back to SIGTERM for QEMU, as after any QMP loss.
+          const err = qmp.endError;
+          if (err instanceof QmpProtocolError && !this.#stopped) {
+            this.#log("qmp", `${err.message}; connection closed`);
+          }
+        });
         const outcome = await Promise.race([
           qmp.greeting.then((g) => ({ g }), (e: Error) => ({ e })),
           child.exited.then(() => ({ exited: true as const })),
         ]);
         if ("exited" in outcome) throw await exitedEarly();
         if ("e" in outcome) {
-          if (await within(child.exited, 2000)) throw await exitedEarly();
+          if (!(outcome.e instanceof QmpProtocolError) && (await within(child.exited, 2000))) {
+            throw await exitedEarly();
+          }
           throw new LaunchError(`${p.name}: ${outcome.e.message}`);
         }
         this.#greeting = outcome.g;
@@ -308,8 +318,10 @@ export class Vm {
         result = await qmp.execute(c.execute, c.arguments);
       } catch (e) {
         // A closed connection means QEMU is ending: name its exit status rather than the socket error.
+        // A protocol error is QEMU misbehaving while alive: name it as it is.
         const qemu = this.children.find((x) => x.planned.role === "qemu");
-        if (!(e instanceof QmpError) && qemu && (await within(qemu.exited, 2000))) {
+        const closed = !(e instanceof QmpError) && !(e instanceof QmpProtocolError);
+        if (closed && qemu && (await within(qemu.exited, 2000))) {
           throw new LaunchError(
             `qemu (pid ${qemu.process.pid}) exited while starting: ${qemu.process.status?.text} (during QMP ${c.label})`,
           );

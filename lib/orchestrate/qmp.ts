@@ -1,6 +1,11 @@
 /**
  * A QMP client (QEMU Machine Protocol) over a UNIX socket registered with the Reactor: one JSON
  * object per line, commands tagged with an id, events delivered to listeners. Connects exactly once.
+ *
+ * What QEMU sends is checked before use: a line that is not JSON, JSON that is not an object, a
+ * greeting, event or reply of the wrong shape, or a line longer than QMP_MAX_LINE_BYTES ends the
+ * connection with a QmpProtocolError naming the line, what it held and what was expected. The line
+ * buffer never grows past QMP_MAX_LINE_BYTES.
  * @module
  */
 import { connectUnix, type Reactor, UnixSocket, type Watch } from "../../ffi/mod.ts";
@@ -40,6 +45,28 @@ export class QmpClosedError extends Error {
   }
 }
 
+/**
+ * QEMU broke the protocol (a line that is not a JSON object, a message of the wrong shape, a line
+ * too long); the client closed the connection because of it.
+ */
+export class QmpProtocolError extends QmpClosedError {
+  constructor(message: string) {
+    super(message);
+    this.name = "QmpProtocolError";
+  }
+}
+
+/**
+ * The longest line (one QMP message) accepted from QEMU, in bytes, newline excluded. QEMU's largest
+ * answers (`query-qmp-schema`) are a few hundred KiB; a longer line, or that many bytes with no
+ * newline yet, is a protocol error and the buffer holding it is dropped.
+ */
+export const QMP_MAX_LINE_BYTES = 16 * 1024 * 1024;
+
+/** Initial (and kept) size of the buffer for a partial line; it grows up to QMP_MAX_LINE_BYTES. */
+const LINE_BUFFER_BYTES = 65536;
+const NEWLINE = 0x0a;
+
 interface Pending {
   command: string;
   resolve: (v: unknown) => void;
@@ -68,11 +95,16 @@ export class QmpClient {
   readonly #buf = new Uint8Array(65536);
   readonly #decoder = new TextDecoder();
   readonly #label: string;
-  #text = "";
+  /** The line received so far without its newline: `#partial[0..#partialBytes)`. */
+  #partial = new Uint8Array(LINE_BUFFER_BYTES);
+  #partialBytes = 0;
+  /** Lines received (1-based number of the last one), for error messages. */
+  #lines = 0;
   #out: Uint8Array<ArrayBuffer>[] = [];
   #nextId = 1;
   #greeted = false;
   #ended = false;
+  #endError: QmpClosedError | null = null;
   #resolveGreeting!: (g: QmpGreeting) => void;
   #rejectGreeting!: (e: Error) => void;
   #resolveClosed!: () => void;
@@ -115,12 +147,25 @@ export class QmpClient {
   }
 
   /**
+   * Why the connection ended (null while open): a QmpProtocolError when QEMU broke the protocol,
+   * else a QmpClosedError (QEMU closed it, a socket error, or close()).
+   */
+  get endError(): QmpClosedError | null {
+    return this.#endError;
+  }
+
+  /**
    * Sends one command and resolves with its `return` value; rejects with QmpError for an `error`
-   * answer, QmpClosedError when the connection ends first.
+   * answer, QmpClosedError when the connection ends first (QmpProtocolError when QEMU broke the
+   * protocol, also for commands after that).
    */
   execute(command: string, args?: Record<string, unknown>): Promise<unknown> {
     if (this.#ended) {
-      return Promise.reject(new QmpClosedError(`${command}: QMP connection ${this.#label} is closed`));
+      // After a protocol error, say what it was (QEMU may have sent it in the same read as an answer).
+      const err = this.#endError instanceof QmpProtocolError
+        ? new QmpProtocolError(`${command}: ${this.#endError.message}`)
+        : new QmpClosedError(`${command}: QMP connection ${this.#label} is closed`);
+      return Promise.reject(err);
     }
     const id = this.#nextId++;
     const msg: Record<string, unknown> = { execute: command, id };
@@ -138,7 +183,7 @@ export class QmpClient {
       try {
         n = this.#sock.sendMsg(head);
       } catch (e) {
-        this.#end(`send failed: ${(e as Error).message}`);
+        this.#end(new QmpClosedError(`send failed: ${(e as Error).message}`));
         return;
       }
       if (n === null) {
@@ -157,75 +202,200 @@ export class QmpClient {
       try {
         got = this.#sock.recvMsg(this.#buf);
       } catch (e) {
-        this.#end(`receive failed: ${(e as Error).message}`);
+        this.#end(new QmpClosedError(`receive failed: ${(e as Error).message}`));
         return;
       }
       if (got === null) return;
       for (const fd of got.fds) fd.close();
       if (got.bytes === 0) {
-        this.#end("QEMU closed the QMP connection");
+        this.#end(new QmpClosedError("QEMU closed the QMP connection"));
         return;
       }
-      this.#text += this.#decoder.decode(this.#buf.subarray(0, got.bytes), { stream: true });
-      let nl: number;
-      while ((nl = this.#text.indexOf("\n")) >= 0) {
-        const line = this.#text.slice(0, nl).trim();
-        this.#text = this.#text.slice(nl + 1);
-        if (line) this.#message(line);
-      }
+      this.#received(this.#buf.subarray(0, got.bytes));
     }
   }
 
-  #message(line: string): void {
-    let m: Record<string, unknown>;
+  /** Splits received bytes into lines (a newline byte never occurs inside a UTF-8 sequence). */
+  #received(chunk: Uint8Array): void {
+    let start = 0;
+    while (!this.#ended) {
+      const nl = chunk.indexOf(NEWLINE, start);
+      const piece = chunk.subarray(start, nl < 0 ? chunk.length : nl);
+      if (this.#partialBytes + piece.length > QMP_MAX_LINE_BYTES) {
+        this.#partial = new Uint8Array(LINE_BUFFER_BYTES);
+        this.#partialBytes = 0;
+        const limit = `${QMP_MAX_LINE_BYTES} bytes (QMP_MAX_LINE_BYTES)`;
+        this.#violation(
+          `line ${this.#lines + 1}: more than ${limit} without a newline; expected one JSON object per line`,
+        );
+        return;
+      }
+      if (nl < 0) {
+        this.#append(piece);
+        return;
+      }
+      let line: Uint8Array = piece;
+      if (this.#partialBytes > 0) {
+        this.#append(piece);
+        line = this.#partial.subarray(0, this.#partialBytes);
+      }
+      this.#lines++;
+      const text = this.#decoder.decode(line);
+      this.#partialBytes = 0;
+      if (this.#partial.byteLength > LINE_BUFFER_BYTES) this.#partial = new Uint8Array(LINE_BUFFER_BYTES);
+      this.#message(text);
+      start = nl + 1;
+    }
+  }
+
+  /** Adds bytes to the partial line (the caller checked the bound), growing its buffer by doubling. */
+  #append(bytes: Uint8Array): void {
+    const need = this.#partialBytes + bytes.length;
+    if (need > this.#partial.byteLength) {
+      let size = this.#partial.byteLength;
+      while (size < need) size *= 2;
+      const grown = new Uint8Array(Math.min(size, QMP_MAX_LINE_BYTES));
+      grown.set(this.#partial.subarray(0, this.#partialBytes));
+      this.#partial = grown;
+    }
+    this.#partial.set(bytes, this.#partialBytes);
+    this.#partialBytes = need;
+  }
+
+  #message(text: string): void {
+    const line = text.trim();
+    if (!line) return;
+    const n = this.#lines;
+    let m: unknown;
     try {
       m = JSON.parse(line);
     } catch {
-      this.#end(`QEMU sent a line that is not JSON: ${line.slice(0, 200)}`);
+      // Quoted: whatever QEMU sent (control characters included) shows escaped.
+      this.#violation(
+        `line ${n}: expected a JSON object, got text that is not JSON: ${JSON.stringify(excerpt(line))}`,
+      );
+      return;
+    }
+    if (!isObject(m)) {
+      this.#violation(`line ${n}: expected a JSON object, got ${describe(m, line)}`);
       return;
     }
     if (!this.#greeted && "QMP" in m) {
+      if (!isGreeting(m.QMP)) {
+        this.#violation(
+          `line ${n}: expected the greeting {"QMP": {"version": {"qemu": {"major", "minor", "micro"}, "package"}, ` +
+            `"capabilities": [...]}}, got ${excerpt(line)}`,
+        );
+        return;
+      }
       this.#greeted = true;
-      this.#resolveGreeting(m.QMP as QmpGreeting);
+      this.#resolveGreeting(m.QMP);
       return;
     }
     if ("event" in m) {
+      if (
+        typeof m.event !== "string" || (m.data !== undefined && !isObject(m.data)) ||
+        (m.timestamp !== undefined && !isObject(m.timestamp))
+      ) {
+        this.#violation(
+          `line ${n}: expected an event {"event": NAME, "data"?: {...}, "timestamp"?: {...}}, got ${
+            excerpt(line)
+          }`,
+        );
+        return;
+      }
       for (const cb of this.#listeners) cb(m as unknown as QmpEvent);
       return;
     }
-    const id = m.id;
-    const p = typeof id === "number" ? this.#pending.get(id) : undefined;
-    if (!p) return; // an answer to nobody (QEMU answers unparseable input without an id)
-    this.#pending.delete(id as number);
     if ("error" in m) {
-      const err = m.error as { class?: string; desc?: string };
-      p.reject(new QmpError(p.command, err.class ?? "GenericError", err.desc ?? "(no description)"));
-    } else {
-      p.resolve(m.return);
+      const err = m.error;
+      if (!isObject(err) || typeof err.class !== "string" || typeof err.desc !== "string") {
+        this.#violation(
+          `line ${n}: expected "error" to be {"class": STRING, "desc": STRING}, got ${excerpt(line)}`,
+        );
+        return;
+      }
+      // An error without one of our ids answers input QEMU could not parse: nobody to tell.
+      const p = this.#take(m.id);
+      p?.reject(new QmpError(p.command, err.class, err.desc));
+      return;
     }
+    if ("return" in m) {
+      this.#take(m.id)?.resolve(m.return); // an id we are not waiting for is an answer to nobody
+      return;
+    }
+    this.#violation(
+      `line ${n}: expected ${this.#greeted ? "" : "the greeting, "}an event, a "return" or an "error", got ${
+        excerpt(line)
+      }`,
+    );
   }
 
-  #end(reason: string): void {
+  /** The pending command with this id, removed; undefined when the id is none of ours. */
+  #take(id: unknown): Pending | undefined {
+    if (typeof id !== "number") return undefined;
+    const p = this.#pending.get(id);
+    this.#pending.delete(id);
+    return p;
+  }
+
+  /** QEMU broke the protocol: end the connection with a QmpProtocolError naming the line and what it held. */
+  #violation(what: string): void {
+    this.#end(new QmpProtocolError(`QMP protocol error on ${this.#label}: ${what}`));
+  }
+
+  #end(cause: QmpClosedError): void {
     if (this.#ended) return;
     this.#ended = true;
+    this.#endError = cause;
     this.#watch.remove();
     this.#sock.close();
+    this.#out = [];
+    const Kind = cause instanceof QmpProtocolError ? QmpProtocolError : QmpClosedError;
     if (!this.#greeted) {
-      this.#rejectGreeting(new QmpClosedError(`${this.#label}: ${reason} before the QMP greeting`));
+      this.#rejectGreeting(
+        cause instanceof QmpProtocolError
+          ? cause
+          : new QmpClosedError(`${this.#label}: ${cause.message} before the QMP greeting`),
+      );
     }
-    for (const p of this.#pending.values()) p.reject(new QmpClosedError(`${p.command}: ${reason}`));
+    for (const p of this.#pending.values()) p.reject(new Kind(`${p.command}: ${cause.message}`));
     this.#pending.clear();
     this.#resolveClosed();
   }
 
   /** Closes the connection; pending commands reject with QmpClosedError. */
   close(): void {
-    this.#end("connection closed by mpq");
+    this.#end(new QmpClosedError("connection closed by mpq"));
   }
 
   [Symbol.dispose](): void {
     this.close();
   }
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+function isGreeting(v: unknown): v is QmpGreeting {
+  if (!isObject(v) || !isObject(v.version) || !isObject(v.version.qemu)) return false;
+  const q = v.version.qemu;
+  return [q.major, q.minor, q.micro].every((x) => Number.isInteger(x)) &&
+    typeof v.version.package === "string" &&
+    Array.isArray(v.capabilities) && v.capabilities.every((c) => typeof c === "string");
+}
+
+/** At most 120 characters of a line for an error message. */
+function excerpt(line: string): string {
+  return line.length > 120 ? `${line.slice(0, 117)}...` : line;
+}
+
+/** What a JSON value that is not an object is: "an array: [1,2]", "null", ... */
+function describe(v: unknown, line: string): string {
+  if (v === null) return "null";
+  const kind = Array.isArray(v) ? "an array" : `a ${typeof v}`;
+  return `${kind}: ${excerpt(line)}`;
 }
 
 /**

@@ -1,9 +1,11 @@
 /**
  * `mpq orchestrate` as a program, without QEMU: bad topologies and bad flags start nothing and say
- * what was wrong. Every "qemu" here is a script that would leave a marker file if it ever ran.
+ * what was wrong. Every "qemu" here is a script that would leave a marker file if it ever ran, or a
+ * scripted QMP monitor (perl on the inherited listening socket) that breaks the protocol.
  */
 import assert from "node:assert/strict";
-import { MpqRun, tempDir, writeTopology } from "../e2e/orchestrate_harness.ts";
+import { listenUnix, resolveExecutable, type UnixSocket } from "../../ffi/mod.ts";
+import { MpqRun, tempDir, waitGone, writeTopology } from "../e2e/orchestrate_harness.ts";
 
 function markerQemu(dir: string): { qemu: string; marker: string } {
   const qemu = `${dir}/fake-qemu.sh`;
@@ -132,3 +134,102 @@ Deno.test("qmp usage errors and an unreachable socket", async () => {
   assert.equal((await c.status()).code, 1);
   assert.match(c.stderr, /cannot connect to QMP socket \/nonexistent\/qmp\.sock: .*ENOENT/);
 });
+
+Deno.test("qmp against a monitor that sends something other than JSON objects: exit 1 naming the line", async () => {
+  const greeting = '{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, ' +
+    '"capabilities": []}}\r\n';
+  const cases: Array<[string, string]> = [
+    ["[1,2]\r\n", "line 1: expected a JSON object, got an array: [1,2]"],
+    [
+      greeting + '{"return": {}, "id": 1\r\n',
+      'line 2: expected a JSON object, got text that is not JSON: "{\\"return\\": {}, \\"id\\": 1"',
+    ],
+    [
+      greeting + '{"error": "no", "id": 1}\r\n',
+      'line 2: expected "error" to be {"class": STRING, "desc": STRING}, got {"error": "no", "id": 1}',
+    ],
+  ];
+  for (const [script, what] of cases) {
+    using dir = tempDir("mpq-cli-");
+    const path = `${dir.path}/qmp.sock`;
+    const listener = listenUnix(path);
+    let conn: UnixSocket | null = null;
+    try {
+      await using run = MpqRun.start(["qmp", path, "query-status"]);
+      // A scripted monitor: accept, say the script, keep the connection open until mpq gives up.
+      const end = Date.now() + 20_000;
+      while ((conn = listener.accept()) === null) {
+        assert.ok(Date.now() < end, "mpq qmp did not connect");
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      conn.sendMsg(new TextEncoder().encode(script));
+      assert.equal((await run.status()).code, 1, run.report());
+      const prefix = script.startsWith("[") ? "" : "qmp_capabilities: ";
+      assert.equal(run.stderr.trim(), `mpq qmp: ${prefix}QMP protocol error on ${path}: ${what}`);
+    } finally {
+      conn?.close();
+      listener.close();
+    }
+  }
+});
+
+/**
+ * A "qemu" that writes its pid to `DIR/pid`, accepts mpq's QMP connection on its fd 3 (the
+ * listening socket mpq hands to QEMU), sends `lines` and waits to be stopped.
+ */
+function scriptedQmpQemu(dir: string, lines: string): string {
+  const qemu = `${dir}/scripted-qemu.sh`;
+  Deno.writeTextFileSync(`${dir}/qmp-lines`, lines);
+  const perl = 'open(my $l, "+<&=", 3) or die "fd 3: $!"; accept(my $c, $l) or die "accept: $!"; ' +
+    'open(my $f, "<", $ARGV[0]) or die; local $/; my $t = <$f>; syswrite($c, $t); sleep 60';
+  Deno.writeTextFileSync(qemu, `#!/bin/sh\necho $$ > ${dir}/pid\nexec perl -e '${perl}' ${dir}/qmp-lines\n`);
+  Deno.chmodSync(qemu, 0o755);
+  return qemu;
+}
+
+function havePerl(): boolean {
+  try {
+    resolveExecutable("perl");
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+const GREETING_LINE = '{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}, ' +
+  '"capabilities": []}}\r\n';
+
+const BROKEN_QMP: Array<[string, string, string]> = [
+  [
+    "a first line that is not a JSON object",
+    "[1,2]\r\n",
+    "qemu: QMP protocol error on DIR/qmp.sock: line 1: expected a JSON object, got an array: [1,2]",
+  ],
+  [
+    "an error reply of the wrong shape",
+    GREETING_LINE + '{"error": null, "id": 1}\r\n',
+    "QMP capabilities (qmp_capabilities) failed: qmp_capabilities: QMP protocol error on DIR/qmp.sock: " +
+    'line 2: expected "error" to be {"class": STRING, "desc": STRING}, got {"error": null, "id": 1}',
+  ],
+];
+
+for (const [what, lines, message] of BROKEN_QMP) {
+  Deno.test({
+    name: `orchestrate tears the VM down when QEMU's QMP sends ${what}, naming it`,
+    ignore: !havePerl(),
+    fn: async () => {
+      using dir = tempDir("mpq-cli-");
+      const qemu = scriptedQmpQemu(dir.path, lines);
+      await using run = MpqRun.start(["orchestrate", writeTopology(dir.path, { name: "broken", qemu })]);
+      assert.equal((await run.status()).code, 1, run.report());
+      const runtime = run.stdout.match(/(\/\S+\/mpq-broken-[^/\s]+)\//)?.[1] ?? "";
+      const want = `mpq orchestrate: ${message.replace("DIR", runtime)}; tearing the VM down`;
+      assert.ok(run.stderr.includes(want), `expected ${want}\n${run.report()}`);
+      // The scripted QEMU, alive and holding its end, was stopped (SIGTERM: QMP is gone).
+      const pid = Number(Deno.readTextFileSync(`${dir.path}/pid`).trim());
+      assert.deepEqual(await waitGone([pid]), [], "the scripted qemu was stopped");
+      assert.match(run.stdout, /qemu\s+pid \d+ stopped \(killed by SIGTERM\)/);
+      assert.match(run.stdout, /every process of the VM has exited; exit 1/);
+    },
+  });
+}
