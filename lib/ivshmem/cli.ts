@@ -44,7 +44,9 @@ A drop-in replacement for QEMU's contrib ivshmem-server.
                               default ${DEFAULTS.pidfile}
   -S, --socket-path <path>    path to the unix socket to listen to
                               default ${DEFAULTS.socketPath}
-  -M, --shm-name <shm-name>   POSIX shared memory object to use
+  -M, --shm-name <shm-name>   POSIX shared memory object to use: created if missing (and
+                              then removed on exit); an existing one is used only if it has
+                              exactly the size asked for, and is never resized or removed
                               default ${DEFAULTS.shmName}
   -m, --shm-dir <dir-name>    where to create shared memory (e.g. a hugetlbfs mount):
                               a file is created there and unlinked at once
@@ -55,7 +57,8 @@ A drop-in replacement for QEMU's contrib ivshmem-server.
                               default ${DEFAULTS.vectors}
       --mode <octal>          file mode of the socket, default 0600
 In the foreground the server prints "listening on <path>" once it accepts peers.
-SIGTERM or SIGINT: close every connection, remove the socket and the -M shm object, exit 0.`;
+SIGTERM or SIGINT: close every connection, remove the socket and the -M shm object if this
+server created it, exit 0.`;
 
 /** Parsed server options. */
 export interface ServerArgs {

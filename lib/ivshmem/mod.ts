@@ -11,6 +11,8 @@ export {
   PeerFailure,
   type ServerOptions,
   type ServerStats,
+  type SharedMemory,
+  ShmSizeMismatchError,
   type ShmSource,
 } from "./server.ts";
 export * from "./protocol.ts";

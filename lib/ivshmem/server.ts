@@ -147,38 +147,128 @@ function isErrno(e: unknown, ...codes: string[]): e is ErrnoError {
   return e instanceof Error && e.name === "ErrnoError" && codes.includes((e as ErrnoError).code);
 }
 
+/** The shared memory a server serves. */
+export interface SharedMemory {
+  fd: OwnedFd;
+  /** Its size in bytes (a power of two). */
+  size: number;
+  /**
+   * Whether this server created the `-M` object (O_CREAT|O_EXCL) and so removes it on exit; false
+   * for an object that already existed (used as it is, left in place) and for `-m` files (unlinked
+   * at once).
+   */
+  created: boolean;
+}
+
 /**
- * Opens the shared memory and sizes it to the next power of two (doubling on a hugetlbfs that
- * refuses, up to 1 GiB, as contrib ivshmem-server does). Returns the fd and the final size.
- * @example
- * const { fd, size } = openSharedMemory({ name: "ivshmem" }, 3 << 20); // size 4 MiB
+ * A `-M` object exists already with another size than the one asked for. The server never resizes
+ * an object it did not create (someone else may have it mapped: shrinking it kills them with
+ * SIGBUS), so it refuses to start.
  */
-export function openSharedMemory(source: ShmSource, requested: number): { fd: OwnedFd; size: number } {
-  let fd: OwnedFd;
-  if ("name" in source) {
-    fd = shmOpen(source.name, ShmFlags.O_CREAT | ShmFlags.O_RDWR, 0o600);
-  } else {
-    const made = mkstempIn(source.dir, "ivshmem.");
-    fd = made.fd;
+export class ShmSizeMismatchError extends Error {
+  /** The shm object's name as given. */
+  readonly shmName: string;
+  /** Its current size in bytes. */
+  readonly actual: number;
+  /** The size the server would serve (the request rounded up to a power of two). */
+  readonly expected: number;
+  constructor(shmName: string, actual: number, expected: number, requested: number) {
+    const asked = requested === expected
+      ? `${expected}`
+      : `${expected} (${requested} rounded up to a power of two)`;
+    super(
+      `shm object ${shmName} (/dev/shm/${shmName.replace(/^\//, "")}) already exists with ${actual} bytes, ` +
+        `expected ${asked}; mpq resizes only objects it creates: remove it or ask for its size`,
+    );
+    this.name = "ShmSizeMismatchError";
+    this.shmName = shmName;
+    this.actual = actual;
+    this.expected = expected;
+  }
+}
+
+/** The inode of `/dev/shm/NAME` (where Linux keeps POSIX shm objects), null if there is none. */
+function shmInode(name: string): number | null {
+  try {
+    return Deno.statSync(`/dev/shm/${name.replace(/^\//, "")}`).ino;
+  } catch {
+    return null;
+  }
+}
+
+/** Sets a new file's size, doubling on a hugetlbfs that refuses (EINVAL) up to 1 GiB as contrib does. */
+function sizeNewFile(fd: OwnedFd, size: number): number {
+  if (fstat(fd).size === size) return size;
+  while (true) {
     try {
-      unlinkPath(made.path);
+      ftruncate(fd, size);
+      return size;
+    } catch (e) {
+      if (!isErrno(e, "EINVAL") || size * 2 > Math.max(MAX_HUGEPAGE_SIZE, size)) throw e;
+      size *= 2;
+    }
+  }
+}
+
+/**
+ * A `-M` object: created (O_CREAT|O_EXCL) and sized when missing; used as it is when it exists with
+ * the size asked for; refused (ShmSizeMismatchError) when it exists with another size.
+ */
+function openShmObject(name: string, requested: number): SharedMemory {
+  const size = roundUpPowerOfTwo(requested);
+  // An existing object can vanish between the two opens (its owner removed it): then try again.
+  for (let attempt = 1;; attempt++) {
+    let fd: OwnedFd;
+    try {
+      fd = shmOpen(name, ShmFlags.O_CREAT | ShmFlags.O_EXCL | ShmFlags.O_RDWR, 0o600);
+    } catch (e) {
+      if (!isErrno(e, "EEXIST")) throw e;
+      let existing: OwnedFd;
+      try {
+        existing = shmOpen(name, ShmFlags.O_RDWR);
+      } catch (e2) {
+        if (isErrno(e2, "ENOENT") && attempt < 3) continue;
+        throw e2;
+      }
+      let actual: number;
+      try {
+        actual = fstat(existing).size;
+      } catch (e2) {
+        existing.close();
+        throw e2;
+      }
+      if (actual !== size) {
+        existing.close();
+        throw new ShmSizeMismatchError(name, actual, size, requested);
+      }
+      return { fd: existing, size, created: false };
+    }
+    try {
+      return { fd, size: sizeNewFile(fd, size), created: true };
     } catch (e) {
       fd.close();
+      shmUnlink(name);
       throw e;
     }
   }
+}
+
+/**
+ * Opens the shared memory. A `-M` object that does not exist is created and sized to the next
+ * power of two (`created`: the server removes it on exit); one that exists is used only if it has
+ * exactly that size, and is never resized or removed (ShmSizeMismatchError otherwise). A `-m`
+ * directory gets a new file, unlinked at once and sized (doubling on a hugetlbfs that refuses, up
+ * to 1 GiB, as contrib ivshmem-server does).
+ * @example
+ * const { fd, size, created } = openSharedMemory({ name: "ivshmem" }, 3 << 20); // size 4 MiB
+ */
+export function openSharedMemory(source: ShmSource, requested: number): SharedMemory {
+  if ("name" in source) return openShmObject(source.name, requested);
+  const made = mkstempIn(source.dir, "ivshmem.");
+  const fd = made.fd;
   try {
-    let size = roundUpPowerOfTwo(requested);
-    if (fstat(fd).size === size) return { fd, size };
-    while (true) {
-      try {
-        ftruncate(fd, size);
-        return { fd, size };
-      } catch (e) {
-        if (!isErrno(e, "EINVAL") || size * 2 > Math.max(MAX_HUGEPAGE_SIZE, size)) throw e;
-        size *= 2;
-      }
-    }
+    unlinkPath(made.path);
+    return { fd, size: sizeNewFile(fd, roundUpPowerOfTwo(requested)), created: false };
   } catch (e) {
     fd.close();
     throw e;
@@ -201,7 +291,10 @@ export class IvshmemServer {
   readonly #listener: UnixListener;
   readonly #listenWatch: Watch;
   readonly #shm: OwnedFd;
+  /** The `-M` object this server created and removes on exit (null: nothing to remove). */
   readonly #shmName: string | null;
+  /** Its inode just after creation: on exit, an object put there by someone else is left alone. */
+  readonly #shmIno: number | null;
   readonly #log: (line: string) => void;
   readonly #queueLimit: number | undefined;
   readonly #ids = new PeerIdAllocator();
@@ -232,13 +325,14 @@ export class IvshmemServer {
   private constructor(
     reactor: Reactor,
     options: ServerOptions,
-    shm: { fd: OwnedFd; size: number },
+    shm: SharedMemory,
     listener: UnixListener,
   ) {
     this.#reactor = reactor;
     this.size = shm.size;
     this.#shm = shm.fd;
-    this.#shmName = "name" in options.shm ? options.shm.name : null;
+    this.#shmName = shm.created && "name" in options.shm ? options.shm.name : null;
+    this.#shmIno = this.#shmName === null ? null : shmInode(this.#shmName);
     this.vectors = options.vectors;
     this.socketPath = options.socketPath;
     this.#log = options.log ?? (() => {});
@@ -248,8 +342,10 @@ export class IvshmemServer {
   }
 
   /**
-   * Creates the shared memory, listens on the socket and registers with `reactor`. Errors name
-   * the path or shm name and the errno; nothing is left behind when it throws.
+   * Opens the shared memory (openSharedMemory: creates a missing `-M` object, uses an existing one
+   * of the right size, refuses one of another size), listens on the socket and registers with
+   * `reactor`. Errors name the path or shm name and the errno; nothing it created is left behind
+   * when it throws, and an object it did not create is never resized or removed.
    */
   static open(reactor: Reactor, options: ServerOptions): IvshmemServer {
     if (!Number.isInteger(options.vectors) || options.vectors < 1 || options.vectors > MAX_VECTORS) {
@@ -257,19 +353,26 @@ export class IvshmemServer {
     }
     // The socket first: a live server on the path is refused before we touch its shm object.
     const listener = listenUnix(options.socketPath, { mode: options.mode ?? 0o600, backlog: 128, maxFds: 1 });
-    let shm: { fd: OwnedFd; size: number };
+    let shm: SharedMemory;
     try {
       shm = openSharedMemory(options.shm, options.size);
     } catch (e) {
       listener.close();
       throw e;
     }
+    if ("name" in options.shm) {
+      options.log?.(
+        shm.created
+          ? `shm ${options.shm.name}: created, ${shm.size} bytes; removed on exit`
+          : `shm ${options.shm.name}: exists with ${shm.size} bytes; used as it is and left in place on exit`,
+      );
+    }
     try {
       return new IvshmemServer(reactor, options, shm, listener);
     } catch (e) {
       listener.close();
       shm.fd.close();
-      if ("name" in options.shm) shmUnlink(options.shm.name);
+      if (shm.created && "name" in options.shm) shmUnlink(options.shm.name);
       throw e;
     }
   }
@@ -554,7 +657,8 @@ export class IvshmemServer {
 
   /**
    * Closes every connection (peers see end of file), the listener (unlinking the socket path),
-   * the shared memory, and shm_unlinks a `-M` object. Idempotent. With few peers, each is first
+   * the shared memory, and shm_unlinks a `-M` object this server created (one that existed before
+   * it started, or replaced its own meanwhile, stays). Idempotent. With few peers, each is first
    * told, best effort, that the others left.
    */
   close(): void {
@@ -580,6 +684,13 @@ export class IvshmemServer {
     this.#listener.close();
     this.#shm.close();
     if (this.#shmName !== null) {
+      const ino = shmInode(this.#shmName);
+      if (ino !== null && this.#shmIno !== null && ino !== this.#shmIno) {
+        this.#log(
+          `shm ${this.#shmName} is another object now (not the one this server created): left in place`,
+        );
+        return;
+      }
       try {
         shmUnlink(this.#shmName);
       } catch (e) {

@@ -53,6 +53,50 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
   });
 }
 
+Deno.test("mpq ivshmem -M uses an existing object of the requested size and leaves it, contents intact, on SIGTERM", async () => {
+  const s = scratch();
+  const path = `/dev/shm/${s.shmName}`;
+  const contents = crypto.getRandomValues(new Uint8Array(64 << 10));
+  try {
+    Deno.writeFileSync(path, contents, { createNew: true, mode: 0o600 });
+    const server = await ServerProcess.start(["-S", s.socketPath, "-M", s.shmName, "-l", "64K"]);
+    const p = new RawPeer(s.socketPath);
+    closeAll(await p.recvJoin(1));
+    const { code, stdout } = await server.stop("SIGTERM");
+    assert.equal(code, 0, stdout);
+    await p.closedByServer();
+    p.close();
+    assert.ok(!exists(s.socketPath), "socket removed");
+    assert.equal(Deno.statSync(path).size, 64 << 10, "the object is still there, same size");
+    assert.deepEqual(Deno.readFileSync(path), contents, "with its contents");
+  } finally {
+    s.remove();
+  }
+});
+
+Deno.test("mpq ivshmem -M refuses an existing object of another size: exit 1 naming it and both sizes, object unchanged", async () => {
+  const s = scratch();
+  const path = `/dev/shm/${s.shmName}`;
+  const contents = crypto.getRandomValues(new Uint8Array(64 << 10));
+  try {
+    Deno.writeFileSync(path, contents, { createNew: true, mode: 0o600 });
+    const want = `mpq ivshmem: cannot start on ${s.socketPath} (shm ${s.shmName}): shm object ${s.shmName} ` +
+      `(${path}) already exists with ${64 << 10} bytes, expected ${1 << 20}; mpq resizes only objects it ` +
+      "creates: remove it or ask for its size";
+    // In the foreground, and in daemon mode (the child reports to the waiting parent).
+    for (const args of [["-F"], ["-p", `${s.dir}/pid`]]) {
+      const out = await mpq([...args, "-S", s.socketPath, "-M", s.shmName, "-l", "1M"]).output();
+      assert.equal(out.code, 1);
+      assert.equal(new TextDecoder().decode(out.stderr).trim(), want);
+      assert.equal(Deno.statSync(path).size, 64 << 10, "not resized");
+      assert.deepEqual(Deno.readFileSync(path), contents, "contents untouched");
+      assert.ok(!exists(s.socketPath) && !exists(`${s.dir}/pid`), "nothing left behind");
+    }
+  } finally {
+    s.remove();
+  }
+});
+
 Deno.test("mpq ivshmem --mode sets the socket's file mode", async () => {
   const s = scratch();
   try {

@@ -12,7 +12,7 @@ import {
   type OwnedFd,
   ownedFdCount,
 } from "../../ffi/mod.ts";
-import { IvshmemServer } from "../../lib/ivshmem/server.ts";
+import { IvshmemServer, ShmSizeMismatchError } from "../../lib/ivshmem/server.ts";
 import { IvshmemClient, type IvshmemEvent } from "../../lib/ivshmem/client.ts";
 import { encodeMessage } from "../../lib/ivshmem/protocol.ts";
 import { closeAll, type RawMessage, RawPeer, scratch, TestServer } from "./ivshmem_helpers.ts";
@@ -188,6 +188,155 @@ Deno.test("ivshmem server serves shared memory of 2 GiB and more (3 GiB rounds t
     closeAll(init);
     p.close();
   });
+});
+
+/** A recognisable pattern for `size` bytes of a pre-existing shm object. */
+function pattern(size: number): Uint8Array<ArrayBuffer> {
+  const b = new Uint8Array(size);
+  for (let i = 0; i < size; i++) b[i] = (i * 7 + 3) & 0xff;
+  return b;
+}
+
+Deno.test("ivshmem server -M creates a missing object (0600, the rounded size) and removes it on close", async () => {
+  const fdsBefore = listOpenFds().length;
+  const s = scratch();
+  try {
+    const t = new TestServer({
+      socketPath: s.socketPath,
+      shm: { name: s.shmName },
+      size: 3 << 20,
+      vectors: 1,
+    });
+    try {
+      const st = Deno.statSync(`/dev/shm/${s.shmName}`);
+      assert.equal(st.size, 4 << 20);
+      assert.equal(st.mode! & 0o777, 0o600);
+      assert.ok(
+        t.log.includes(`shm ${s.shmName}: created, ${4 << 20} bytes; removed on exit`),
+        t.log.join("\n"),
+      );
+    } finally {
+      await t.close();
+    }
+    assert.throws(() => Deno.statSync(`/dev/shm/${s.shmName}`), Deno.errors.NotFound);
+  } finally {
+    s.remove();
+  }
+  assert.equal(listOpenFds().length, fdsBefore, "no fd left");
+});
+
+Deno.test("ivshmem server -M leaves in place an object that replaced the one it created", async () => {
+  const s = scratch();
+  const path = `/dev/shm/${s.shmName}`;
+  try {
+    const t = new TestServer({ socketPath: s.socketPath, shm: { name: s.shmName }, size: 4096, vectors: 1 });
+    try {
+      // Someone removes the server's object and makes their own under the same name.
+      Deno.removeSync(path);
+      Deno.writeFileSync(path, pattern(8192), { createNew: true, mode: 0o600 });
+    } finally {
+      await t.close();
+    }
+    assert.deepEqual(Deno.readFileSync(path), pattern(8192), "theirs is still there, untouched");
+    assert.ok(
+      t.log.includes(
+        `shm ${s.shmName} is another object now (not the one this server created): left in place`,
+      ),
+      t.log.join("\n"),
+    );
+  } finally {
+    s.remove();
+  }
+});
+
+Deno.test("ivshmem server -M uses an existing object of the requested size as it is and leaves it on close", async () => {
+  const fdsBefore = listOpenFds().length;
+  const s = scratch();
+  const path = `/dev/shm/${s.shmName}`;
+  const size = 1 << 20;
+  try {
+    Deno.writeFileSync(path, pattern(size), { createNew: true, mode: 0o640 });
+    // 768 KiB rounds up to the object's 1 MiB: that is the size asked for.
+    const t = new TestServer({
+      socketPath: s.socketPath,
+      shm: { name: s.shmName },
+      size: 768 << 10,
+      vectors: 1,
+    });
+    try {
+      assert.equal(t.server.size, size);
+      assert.ok(
+        t.log.includes(
+          `shm ${s.shmName}: exists with ${size} bytes; used as it is and left in place on exit`,
+        ),
+        t.log.join("\n"),
+      );
+      // Peers get that very object: its contents, and their writes land in it.
+      const p = new RawPeer(s.socketPath);
+      const init = await p.recvMany(4);
+      {
+        using m = mapShared(init[2].fd!, size);
+        assert.deepEqual(m.bytes.slice(0, 64), pattern(size).slice(0, 64));
+        assert.deepEqual(m.bytes.slice(size - 64), pattern(size).slice(size - 64));
+        m.bytes.set([0xde, 0xad, 0xbe, 0xef], 4096);
+      }
+      closeAll(init);
+      p.close();
+    } finally {
+      await t.close();
+    }
+    const st = Deno.statSync(path);
+    assert.equal(st.size, size, "not resized");
+    assert.equal(st.mode! & 0o777, 0o640, "its mode untouched");
+    const want = pattern(size);
+    want.set([0xde, 0xad, 0xbe, 0xef], 4096);
+    assert.deepEqual(Deno.readFileSync(path), want, "contents intact (plus what the peer wrote)");
+  } finally {
+    s.remove();
+  }
+  assert.equal(listOpenFds().length, fdsBefore, "no fd left");
+});
+
+Deno.test("ivshmem server -M refuses an existing object of another size, naming it and both sizes, and leaves it unchanged", () => {
+  const fdsBefore = listOpenFds().length;
+  const s = scratch();
+  const path = `/dev/shm/${s.shmName}`;
+  const size = 64 << 10;
+  try {
+    Deno.writeFileSync(path, pattern(size), { createNew: true, mode: 0o600 });
+    const cases: Array<[number, string]> = [
+      [4 << 20, `expected ${4 << 20}`], // bigger: would grow it
+      [4096, "expected 4096"], // smaller: would shrink it under whoever maps it
+      [100 << 10, `expected ${128 << 10} (${100 << 10} rounded up to a power of two)`],
+    ];
+    for (const [asked, expected] of cases) {
+      assert.throws(
+        () =>
+          IvshmemServer.open(null as never, {
+            socketPath: s.socketPath,
+            shm: { name: s.shmName },
+            size: asked,
+            vectors: 1,
+          }),
+        (e: unknown) => {
+          assert.ok(e instanceof ShmSizeMismatchError);
+          assert.equal(
+            e.message,
+            `shm object ${s.shmName} (${path}) already exists with ${size} bytes, ${expected}; ` +
+              "mpq resizes only objects it creates: remove it or ask for its size",
+          );
+          assert.equal(e.actual, size);
+          return true;
+        },
+      );
+      assert.equal(Deno.statSync(path).size, size, "not resized");
+      assert.deepEqual(Deno.readFileSync(path), pattern(size), "contents untouched");
+      assert.throws(() => Deno.lstatSync(s.socketPath), Deno.errors.NotFound, "no socket left behind");
+    }
+  } finally {
+    s.remove();
+  }
+  assert.equal(listOpenFds().length, fdsBefore, "no fd left");
 });
 
 Deno.test("ivshmem server with -m creates the file in the directory and unlinks it at once", async () => {
