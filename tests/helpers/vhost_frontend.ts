@@ -189,6 +189,8 @@ export interface FrontendOptions {
   memSize?: number;
   /** Two RAM regions (GPA 0 and GPA 4 GiB). */
   splitMemory?: boolean;
+  /** Offset in each RAM region where rings and buffers start (default 0; see GuestRam). */
+  allocFrom?: number;
   /** Negotiate VIRTIO_RING_F_EVENT_IDX (must be offered). */
   eventIdx?: boolean;
   /** Negotiate VIRTIO_RING_F_INDIRECT_DESC and send every request as one indirect descriptor. */
@@ -389,6 +391,7 @@ export class VhostUserFrontend {
       queueSize,
       memSize: options.memSize ?? 64 << 20,
       splitMemory: options.splitMemory ?? false,
+      allocFrom: options.allocFrom ?? 0,
       eventIdx: options.eventIdx ?? false,
       indirect: options.indirect ?? false,
       inflight: options.inflight ?? true,
@@ -403,7 +406,11 @@ export class VhostUserFrontend {
       timeoutMs: options.timeoutMs ?? 10_000,
       verbose: options.verbose ?? false,
     };
-    this.ram = new GuestRam({ size: this.options.memSize, split: this.options.splitMemory });
+    this.ram = new GuestRam({
+      size: this.options.memSize,
+      split: this.options.splitMemory,
+      allocFrom: this.options.allocFrom,
+    });
     this.reactor = new Reactor();
     this.#running = this.reactor.run().catch((e) => {
       this.reactorError = e instanceof Error ? e : new Error(String(e));

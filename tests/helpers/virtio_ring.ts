@@ -35,6 +35,11 @@ export interface GuestRamOptions {
   size?: number;
   /** Two regions: the first half at GPA 0, the second at GPA 4 GiB (as QEMU splits RAM above 4G). */
   split?: boolean;
+  /**
+   * Where each region's allocator starts (bytes into the region, default 0): above 4 GiB in a
+   * region of 6 GiB puts every ring and buffer at offsets a 32-bit index cannot reach.
+   */
+  allocFrom?: number;
 }
 
 /**
@@ -78,7 +83,11 @@ export class GuestRam {
         { gpa: 0x1_0000_0000, size: half, mmapOffset: half, uaddr: UADDR_BASE + 0x1_0000_0000 },
       ]
       : [{ gpa: 0, size, mmapOffset: 0, uaddr: UADDR_BASE }];
-    this.#next = this.regions.map(() => 0);
+    const from = options.allocFrom ?? 0;
+    if (!Number.isSafeInteger(from) || from < 0 || this.regions.some((r) => from >= r.size)) {
+      throw new RangeError(`allocFrom ${from} is not inside every region`);
+    }
+    this.#next = this.regions.map(() => from);
   }
 
   /** Allocates `size` bytes aligned to `align` in region `region` (default: the last one); returns the GPA. */
@@ -221,13 +230,14 @@ export class SplitQueue {
     ram.mem.fill(0, this.#desc, this.#desc + 16 * size);
     ram.mem.fill(0, avail, avail + 6 + 2 * size);
     ram.mem.fill(0, used, used + 6 + 8 * size);
-    this.#availIdxAt = (avail + 2) >> 1;
-    this.#availRingAt = (avail + 4) >> 1;
-    this.#usedEventAt = (avail + 4 + 2 * size) >> 1;
-    this.#usedFlagsAt = used >> 1;
-    this.#usedIdxAt = (used + 2) >> 1;
-    this.#usedRingAt = (used + 4) >> 2;
-    this.#availEventAt = (used + 4 + 8 * size) >> 1;
+    // Element indexes by division: offsets past 4 GiB must not be cut to 32 bits (`>>`).
+    this.#availIdxAt = (avail + 2) / 2;
+    this.#availRingAt = (avail + 4) / 2;
+    this.#usedEventAt = (avail + 4 + 2 * size) / 2;
+    this.#usedFlagsAt = used / 2;
+    this.#usedIdxAt = (used + 2) / 2;
+    this.#usedRingAt = (used + 4) / 4;
+    this.#availEventAt = (used + 4 + 8 * size) / 2;
     for (let i = size - 1; i >= 0; i--) this.#free.push(i);
     this.#state = new Uint8Array(size);
     this.#transient = new Uint8Array(size);
