@@ -2,7 +2,6 @@
  * mpq: host-side plumbing for disaggregated QEMU devices. Subcommand dispatch only.
  * @module
  */
-import { ErrnoError } from "./ffi/mod.ts";
 import { InputError, UsageError } from "./lib/cli/errors.ts";
 import { VERSION } from "./lib/version.ts";
 
@@ -66,6 +65,8 @@ async function main(args: string[]): Promise<number> {
       if (e.usage) console.error(`\n${e.usage}`);
       return 1;
     }
+    // Loaded here, not at start: `mpq --version` and `--help` load no FFI (libc) at all.
+    const { ErrnoError } = await import("./ffi/errno.ts");
     if (e instanceof InputError || e instanceof ErrnoError) {
       console.error(`mpq ${cmd}: ${e.message}`);
       return 1;

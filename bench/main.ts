@@ -19,6 +19,11 @@ export const BENCHES: ReadonlyArray<{ name: string; summary: string; run: () => 
     run: () => import("./vhost.ts").then((m) => m.benchVhost()),
   },
   {
+    name: "startup",
+    summary: "mpq --version against a bare deno run of a one-line script",
+    run: () => import("./startup.ts").then((m) => m.benchStartup()),
+  },
+  {
     name: "orchestrate",
     summary: "multi-process QEMU start-up: mpq orchestrate vs a shell script",
     run: () => import("./orchestrate.ts").then((m) => m.benchOrchestrate()),
