@@ -16,7 +16,8 @@ import {
 import { InputError, UsageError } from "../cli/errors.ts";
 import type { VhostUserDevice } from "./backend.ts";
 import { DEFAULT_POLL_US, VhostUserDaemon } from "./daemon.ts";
-import { BlkDevice, type EngineChoice, openBlkFile } from "./devices/blk.ts";
+import { BlkDevice, openBlkFile } from "./devices/blk.ts";
+import { type EngineChoice, parseEngineChoice } from "./devices/blk_engine.ts";
 import { RngDevice } from "./devices/rng.ts";
 
 const COMMON = `  --socket-path=PATH      listen on this UNIX socket path
@@ -172,12 +173,11 @@ export async function main(args: string[]): Promise<number> {
     if (new TextEncoder().encode(serial).byteLength > 20) {
       throw new UsageError(`--serial must be at most 20 bytes: got ${JSON.stringify(serial)}`, USAGE);
     }
-    const engine = (str("engine") ?? "auto") as EngineChoice;
-    if (!["auto", "uring", "vmcopy", "preadv"].includes(engine)) {
-      throw new UsageError(
-        `--engine must be auto, uring, vmcopy or preadv: got ${JSON.stringify(engine)}`,
-        USAGE,
-      );
+    let engine: EngineChoice;
+    try {
+      engine = parseEngineChoice(str("engine") ?? "auto");
+    } catch (e) {
+      throw new UsageError(`--${(e as Error).message}`, USAGE);
     }
     const opts = {
       readOnly: !!v["read-only"],
@@ -189,8 +189,19 @@ export async function main(args: string[]): Promise<number> {
       engine,
       ioThreads: intArg("io-threads", str("io-threads"), 0, 1) ?? 1,
     };
-    const { fd, size } = openBlkFile(file, opts);
-    device = new BlkDevice(fd, size, opts);
+    let opened: { fd: OwnedFd; size: number };
+    try {
+      opened = openBlkFile(file, opts);
+    } catch (e) {
+      throw new InputError(`--blk-file ${file}: ${(e as Error).message}`);
+    }
+    try {
+      device = new BlkDevice(opened.fd, opened.size, opts);
+    } catch (e) {
+      opened.fd.close();
+      // "engine vmcopy: ...", "engine uring: ..."
+      throw new InputError(`--${(e as Error).message}`);
+    }
   } else {
     device = new RngDevice();
   }

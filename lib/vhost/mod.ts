@@ -11,6 +11,8 @@ export { GuestMemory, GuestMemoryError, GuestRegion, type Translation } from "./
 export { DescFlags, DescriptorChain, MAX_QUEUE_SIZE, VirtQueue, VirtqueueError } from "./virtqueue.ts";
 export { inflightAreaSize, InflightQueue, inflightQueueSize } from "./inflight.ts";
 export { LATENCY_BOUNDS_US, Metrics, MetricsServer, QueueMetrics } from "./metrics.ts";
-export { BlkDevice, type BlkOptions, BlkStatus, BlkType, createEngine, openBlkFile } from "./devices/blk.ts";
+export { BlkDevice, type BlkOptions, BlkStatus, BlkType, openBlkFile } from "./devices/blk.ts";
+export { ENGINE_KINDS, type EngineChoice, type EngineKind, parseEngineChoice } from "./devices/blk_engine.ts";
+export { createEngine, resolveEngine } from "./devices/blk_engines.ts";
 export { RngDevice } from "./devices/rng.ts";
 export * from "./message.ts";

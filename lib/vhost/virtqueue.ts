@@ -9,7 +9,7 @@
  * store is a full barrier before the used_event load, as virtio's memory model asks).
  * @module
  */
-import type { EventFd } from "../../ffi/mod.ts";
+import type { EventFd, IoVecs } from "../../ffi/mod.ts";
 import type { GuestMemory, GuestRegion } from "./guest_memory.ts";
 import type { InflightQueue } from "./inflight.ts";
 
@@ -31,6 +31,10 @@ export class VirtqueueError extends Error {
 /**
  * One walked descriptor chain: reused for every pop (no allocation per request). Segment i is
  * `lengths[i]` bytes at `offsets[i]` in `regions[i].map`; `writes[i]` is 1 for device-writable.
+ *
+ * It is also the chain's reader and writer (rust-vmm virtio-queue's Reader/Writer): devices copy
+ * and gather the device-readable and device-writable bytes through these methods, by position in
+ * that byte stream, and never do segment arithmetic themselves.
  */
 export class DescriptorChain {
   head = 0;
@@ -43,6 +47,91 @@ export class DescriptorChain {
   readonly offsets = new Float64Array(MAX_QUEUE_SIZE);
   readonly lengths = new Uint32Array(MAX_QUEUE_SIZE);
   readonly writes = new Uint8Array(MAX_QUEUE_SIZE);
+
+  /**
+   * Calls `fn(region, offset, len)` for the device-readable (`writable` false) or device-writable
+   * bytes [from, from + len) of the chain, in order; returns the bytes covered (less at the end).
+   * A callback returning false stops the walk.
+   */
+  segments(
+    writable: boolean,
+    from: number,
+    len: number,
+    fn: (region: GuestRegion, offset: number, len: number) => boolean | void,
+  ): number {
+    const want = writable ? 1 : 0;
+    let skip = from;
+    let done = 0;
+    for (let i = 0; i < this.count && done < len; i++) {
+      if (this.writes[i] !== want) continue;
+      let off = this.offsets[i];
+      let l = this.lengths[i];
+      if (skip >= l) {
+        skip -= l;
+        continue;
+      }
+      off += skip;
+      l -= skip;
+      skip = 0;
+      const k = Math.min(l, len - done);
+      if (fn(this.regions[i]!, off, k) === false) break;
+      done += k;
+    }
+    return done;
+  }
+
+  /** Copies device-readable bytes starting at `from` into `dst`; returns how many there were. */
+  read(from: number, dst: Uint8Array): number {
+    let pos = 0;
+    return this.segments(false, from, dst.byteLength, (r, off, len) => {
+      dst.set(r.bytes.subarray(off, off + len), pos);
+      pos += len;
+    });
+  }
+
+  /** Copies `src` into the device-writable bytes starting at `from`; returns how many fitted. */
+  write(from: number, src: Uint8Array): number {
+    let pos = 0;
+    return this.segments(true, from, src.byteLength, (r, off, len) => {
+      r.bytes.set(src.subarray(pos, pos + len), off);
+      pos += len;
+    });
+  }
+
+  /**
+   * Appends the device-readable (or device-writable) bytes [from, from + len) to `iov`; returns
+   * the byte count, or -1 when they need more entries than `iov` has left.
+   */
+  gather(iov: IoVecs, writable: boolean, from: number, len: number): number {
+    // The hot path of every read and write: a plain loop, no closure.
+    const want = writable ? 1 : 0;
+    let skip = from;
+    let done = 0;
+    for (let i = 0; i < this.count && done < len; i++) {
+      if (this.writes[i] !== want) continue;
+      let off = this.offsets[i];
+      let l = this.lengths[i];
+      if (skip >= l) {
+        skip -= l;
+        continue;
+      }
+      off += skip;
+      l -= skip;
+      skip = 0;
+      const k = Math.min(l, len - done);
+      if (iov.count >= iov.capacity) return -1;
+      iov.push(this.regions[i]!.map, off, k);
+      done += k;
+    }
+    return done;
+  }
+
+  /** The last device-writable byte (a status byte), or null when the chain ends readable. */
+  lastWritable(): { region: GuestRegion; offset: number } | null {
+    const n = this.count;
+    if (n === 0 || this.writes[n - 1] !== 1) return null;
+    return { region: this.regions[n - 1]!, offset: this.offsets[n - 1] + this.lengths[n - 1] - 1 };
+  }
 }
 
 /**

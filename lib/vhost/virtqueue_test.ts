@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { EventFd } from "../../ffi/mod.ts";
+import { EventFd, IoVecs } from "../../ffi/mod.ts";
 import { GuestMemory } from "./guest_memory.ts";
 import { InflightQueue, inflightQueueSize } from "./inflight.ts";
 import { DescFlags, DescriptorChain, VirtQueue, VirtqueueError } from "./virtqueue.ts";
@@ -361,5 +361,61 @@ Deno.test("virtqueue on a 6 GiB region with rings above 4 GiB: every ring access
     call.close();
     mem.close();
     g.close();
+  }
+});
+
+Deno.test("descriptor chain reads, writes and gathers by position across segments", () => {
+  const t = setup();
+  try {
+    // readable: 3 + 5 bytes; writable: 4 + 2 bytes
+    t.ring.setDesc(0, 0x10000, 3, NEXT, 1);
+    t.ring.setDesc(1, 0x10100, 5, NEXT, 2);
+    t.ring.setDesc(2, 0x10200, 4, NEXT | WRITE, 3);
+    t.ring.setDesc(3, 0x10300, 2, WRITE);
+    t.g.bytes.set([1, 2, 3], 0x10000);
+    t.g.bytes.set([4, 5, 6, 7, 8], 0x10100);
+    t.ring.publish(0);
+    const c = new DescriptorChain();
+    assert.equal(t.vq.pop(c), true);
+    assert.equal(c.readable, 8);
+    assert.equal(c.writable, 6);
+    const dst = new Uint8Array(4);
+    assert.equal(c.read(2, dst), 4, "a read crossing the segment boundary");
+    assert.deepEqual([...dst], [3, 4, 5, 6]);
+    assert.equal(c.read(6, new Uint8Array(10)), 2, "short at the end of the readable bytes");
+    assert.equal(c.write(3, new Uint8Array([9, 9, 9])), 3);
+    assert.deepEqual([...t.g.bytes.subarray(0x10203, 0x10204)], [9]);
+    assert.deepEqual(
+      [...t.g.bytes.subarray(0x10300, 0x10302)],
+      [9, 9],
+      "the write went on in the next segment",
+    );
+    const iov = new IoVecs(4);
+    assert.equal(c.gather(iov, false, 1, 6), 6);
+    assert.equal(iov.count, 2);
+    assert.equal(iov.totalBytes, 6);
+    const one = new IoVecs(1);
+    assert.equal(c.gather(one, true, 0, 5), -1, "more segments than the iovec array holds");
+    const status = c.lastWritable()!;
+    assert.equal(status.offset, 0x10301);
+    const seen: number[][] = [];
+    c.segments(true, 1, 4, (_r, off, len) => void seen.push([off, len]));
+    assert.deepEqual(seen, [[0x10201, 3], [0x10300, 1]]);
+  } finally {
+    t.done();
+  }
+});
+
+Deno.test("descriptor chain without a device-writable tail has no status byte", () => {
+  const t = setup();
+  try {
+    t.ring.setDesc(0, 0x10000, 16, 0);
+    t.ring.publish(0);
+    const c = new DescriptorChain();
+    t.vq.pop(c);
+    assert.equal(c.lastWritable(), null);
+    assert.equal(c.write(0, new Uint8Array(4)), 0);
+  } finally {
+    t.done();
   }
 });

@@ -1,84 +1,42 @@
 /**
  * virtio-blk over vhost-user (virtio 1.2 §5.2): IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES on a
- * raw file or block device. Data moves by preadv/pwritev (or io_uring) straight between the file
- * and mapped guest memory; a kick's requests are queued, then submitted once, then the used index
- * is published once.
+ * raw file or block device. Data moves by io_uring, process_vm_readv/writev or preadv/pwritev
+ * straight between the file and mapped guest memory; a kick's requests are queued, then submitted
+ * once, then the used index is published once per pass.
  * @module
  */
 import {
   deviceSize,
+  Errno,
   type ErrnoError,
-  IoVecs,
   OpenFlags,
   openPath,
   type OwnedFd,
-  probeIoUring,
   punchHole,
-  type Reactor,
   zeroRange,
 } from "../../../ffi/mod.ts";
-import { InputError } from "../../cli/errors.ts";
 import type { DeviceContext, VhostUserDevice } from "../backend.ts";
-import type { GuestRegion } from "../guest_memory.ts";
 import { bit, MAX_CONFIG_SIZE } from "../message.ts";
-import type { QueueMetrics } from "../metrics.ts";
 import { DescriptorChain, type VirtQueue } from "../virtqueue.ts";
+import type { EngineChoice, EngineKind } from "./blk_engine.ts";
+import { createEngine, resolveEngine } from "./blk_engines.ts";
+import { BlkQueue } from "./blk_queue.ts";
 import {
-  type BlkIoEngine,
-  type BlkIoRequest,
-  chooseEngine,
-  createEngine as createIoEngine,
-  type CreateEngineOptions,
-} from "./blk_io.ts";
+  BlkConfig,
+  BlkFeature,
+  BlkStatus,
+  BlkType,
+  HEADER_BYTES,
+  ID_BYTES,
+  MAX_DISCARD_SECTORS,
+  MAX_DWZ_SEGS,
+  SECTOR,
+  SEG_MAX,
+} from "./blk_spec.ts";
 import { VmCopyEngine, VmCopyFile } from "./blk_vmcopy.ts";
 
-/** virtio-blk feature bits. */
-export const BlkFeature = {
-  SIZE_MAX: 1,
-  SEG_MAX: 2,
-  GEOMETRY: 4,
-  RO: 5,
-  BLK_SIZE: 6,
-  FLUSH: 9,
-  TOPOLOGY: 10,
-  CONFIG_WCE: 11,
-  MQ: 12,
-  DISCARD: 13,
-  WRITE_ZEROES: 14,
-} as const;
+export { BlkConfig, BlkFeature, BlkStatus, BlkType, MAX_DISCARD_SECTORS, SEG_MAX } from "./blk_spec.ts";
 
-/** Request types. */
-export const BlkType = { IN: 0, OUT: 1, FLUSH: 4, GET_ID: 8, DISCARD: 11, WRITE_ZEROES: 13 } as const;
-/** Status values. */
-export const BlkStatus = { OK: 0, IOERR: 1, UNSUPP: 2 } as const;
-
-/** Config space offsets (struct virtio_blk_config). */
-export const BlkConfig = {
-  capacity: 0,
-  size_max: 8,
-  seg_max: 12,
-  blk_size: 20,
-  physical_block_exp: 24,
-  min_io_size: 26,
-  opt_io_size: 28,
-  writeback: 32,
-  num_queues: 34,
-  max_discard_sectors: 36,
-  max_discard_seg: 40,
-  discard_sector_alignment: 44,
-  max_write_zeroes_sectors: 48,
-  max_write_zeroes_seg: 52,
-  write_zeroes_may_unmap: 56,
-  size: 60,
-} as const;
-
-/** Data segments one request may carry (config seg_max). */
-export const SEG_MAX = 126;
-/** Largest discard / write-zeroes request in sectors. */
-export const MAX_DISCARD_SECTORS = 0x3fffff;
-const SECTOR = 512;
-const ID_BYTES = 20;
-const MAX_DWZ_SEGS = 16;
 /** Passes over the ring one kick may make before yielding to the reactor. */
 const MAX_PASSES = 4;
 /**
@@ -87,26 +45,6 @@ const MAX_PASSES = 4;
  * IOPS and less CPU per I/O than whole-ring passes; writethrough on ext4 no worse.
  */
 const PASS_BATCH = 16;
-
-/** Which I/O engine: "auto" picks the best available. */
-export type EngineChoice = "auto" | "uring" | "vmcopy" | "preadv";
-
-/** Options for the engine factory. */
-export type EngineOptions = CreateEngineOptions;
-
-/**
- * The one place an I/O engine is built (blk_io.ts createEngine; "auto" resolves with chooseEngine:
- * io_uring for files with nowait I/O, vmcopy for tmpfs, else preadv).
- * @example
- * const engine = createEngine(file, reactor, { engine: "auto" });
- */
-export function createEngine(file: OwnedFd, reactor: Reactor, options: EngineOptions = {}): BlkIoEngine {
-  if (options.engine === "uring") {
-    const probe = probeIoUring();
-    if (!probe.ok) throw new InputError(`--engine uring: io_uring does not work here: ${probe.reason}`);
-  }
-  return createIoEngine(file, reactor, options);
-}
 
 /** Options of a block device. */
 export interface BlkOptions {
@@ -120,227 +58,25 @@ export interface BlkOptions {
   direct?: boolean;
   /** Advertise a writeback cache (FLUSH makes data durable); default writethrough. */
   writeback?: boolean;
+  /** The I/O engine ("auto" picks one: see resolveEngine). */
   engine?: EngineChoice;
   /** vmcopy: helper threads sharing the copies of big batches, 0 or 1 (default 1). */
   ioThreads?: number;
 }
 
-/** Opens the backing file or block device; throws InputError naming the file. */
+/** Opens the backing file or block device; throws naming the file and what is wrong with it. */
 export function openBlkFile(path: string, options: BlkOptions = {}): { fd: OwnedFd; size: number } {
   const flags = (options.readOnly ? OpenFlags.O_RDONLY : OpenFlags.O_RDWR) |
     (options.direct ? OpenFlags.O_DIRECT : 0);
-  let fd: OwnedFd;
-  try {
-    fd = openPath(path, flags);
-  } catch (e) {
-    throw new InputError(`--blk-file ${path}: ${(e as ErrnoError).message}`);
-  }
+  const fd = openPath(path, flags);
   try {
     const { size } = deviceSize(fd);
     const blk = options.blkSize ?? 512;
-    if (size < blk) {
-      throw new InputError(`--blk-file ${path}: ${size} bytes, smaller than one ${blk}-byte block`);
-    }
+    if (size < blk) throw new RangeError(`${size} bytes, smaller than one ${blk}-byte block`);
     return { fd, size };
   } catch (e) {
     fd.close();
     throw e;
-  }
-}
-
-/** One request slot per descriptor head: reused, never allocated per request. */
-class BlkRequest implements BlkIoRequest {
-  op: "read" | "write" | "flush" = "read";
-  offset = 0;
-  readonly iov: IoVecs;
-  readonly q: BlkQueue;
-  head = 0;
-  type = 0;
-  dataLen = 0;
-  statusRegion: GuestRegion | null = null;
-  statusOff = 0;
-  start = 0;
-  /** Writethrough: what the write returned while it waits for its flush. */
-  writeResult = 0;
-
-  constructor(q: BlkQueue) {
-    this.q = q;
-    this.iov = new IoVecs(SEG_MAX + 2);
-  }
-
-  done(result: number): void {
-    this.q.complete(this, result);
-  }
-}
-
-/**
- * Writethrough durability: one fdatasync for every write that completed before it was started,
- * instead of one per write.
- */
-class DurabilityFlush implements BlkIoRequest {
-  readonly op = "flush";
-  readonly offset = 0;
-  readonly iov = new IoVecs(1);
-  readonly q: BlkQueue;
-  /** The writes this flush makes durable. */
-  batch: BlkRequest[] = [];
-
-  constructor(q: BlkQueue) {
-    this.q = q;
-  }
-
-  done(result: number): void {
-    this.q.durabilityDone(result);
-  }
-}
-
-/** Per-queue state of the block device. */
-class BlkQueue {
-  readonly dev: BlkDevice;
-  readonly engine: BlkIoEngine;
-  readonly metrics: QueueMetrics;
-  vq: VirtQueue;
-  readonly slots: (BlkRequest | undefined)[] = [];
-  inKick = false;
-  /** Writes completed during the kick wait for a durability flush: start one and submit again. */
-  requeued = false;
-  /** Pop time (shared by the requests of one pass over the ring: one clock read per pass). */
-  stamp = 0;
-  /**
-   * Work deferred out of engine callbacks (never re-enter an engine from its own completion) to
-   * the reactor's next turn, right after the epoll batch that delivered the completions.
-   */
-  #needPublish = false;
-  #needFlush = false;
-  /** Removes this queue's reactor poller. */
-  removePoller: (() => void) | null = null;
-  /** Re-runs the queue through the engine's error handling (DeviceContext.process). */
-  process: ((vq: VirtQueue) => void) | null = null;
-  /** The last kick stopped after its fair share with buffers left: continue on the next turn. */
-  resume = false;
-  /** Start times of requests completed since the last publish (latency needs one clock read). */
-  readonly #doneStarts = new Float64Array(1024);
-  #doneN = 0;
-  /** Writethrough: writes done, waiting for the next flush to start. */
-  #waiting: BlkRequest[] = [];
-  readonly #flush = new DurabilityFlush(this);
-  #flushInFlight = false;
-
-  /** Reactor poller (runs every turn): does the deferred work; busy only while a queue is behind. */
-  readonly poll = (): boolean => {
-    if (this.inKick) return false;
-    if (this.#needFlush) {
-      this.#needFlush = false;
-      try {
-        if (this.startDurabilityFlush()) this.engine.submit();
-      } catch (e) {
-        // The engine closed under us (queue stopped): the writes stay in flight (inflight area).
-        console.error(`mpq vhost: queue ${this.vq.index}: writethrough flush: ${(e as Error).message}`);
-      }
-    }
-    if (this.#needPublish) {
-      this.#needPublish = false;
-      this.publish();
-    }
-    if (this.resume) {
-      this.resume = false;
-      this.process?.(this.vq);
-    }
-    // Still behind (the pass stopped at its fair share again): keep the reactor turning.
-    return this.resume;
-  };
-
-  constructor(dev: BlkDevice, vq: VirtQueue, engine: BlkIoEngine, metrics: QueueMetrics) {
-    this.dev = dev;
-    this.vq = vq;
-    this.engine = engine;
-    this.metrics = metrics;
-  }
-
-  slot(head: number): BlkRequest {
-    return this.slots[head] ??= new BlkRequest(this);
-  }
-
-  /** Completion from the engine (or inline). */
-  complete(req: BlkRequest, result: number): void {
-    if (result >= 0 && req.op === "write" && !this.dev.writeback) {
-      // Writethrough: the write completes once a flush started after it has finished.
-      req.writeResult = result;
-      this.#waiting.push(req);
-      if (this.#flushInFlight) return; // durabilityDone() starts the next one
-      // One flush for all the writes of this kick or this reap: started after it.
-      if (this.inKick) this.requeued = true;
-      else this.#needFlush = true;
-      return;
-    }
-    let status: number = BlkStatus.OK;
-    let used = 1;
-    if (result < 0) status = BlkStatus.IOERR;
-    else if (req.type === BlkType.IN) {
-      if (result !== req.dataLen) status = BlkStatus.IOERR;
-      else used += req.dataLen;
-    } else if (req.type === BlkType.OUT && result !== req.dataLen) status = BlkStatus.IOERR;
-    this.finish(req, status, used);
-  }
-
-  /** Whether writes wait for, or are in, a durability flush. */
-  get durabilityPending(): boolean {
-    return this.#flushInFlight || this.#waiting.length > 0;
-  }
-
-  /** Starts one flush for every write waiting; false when there is none or one is in flight. */
-  startDurabilityFlush(): boolean {
-    if (this.#flushInFlight || this.#waiting.length === 0) return false;
-    const f = this.#flush;
-    const empty = f.batch;
-    f.batch = this.#waiting;
-    this.#waiting = empty;
-    this.#flushInFlight = true;
-    this.engine.queue(f);
-    return true;
-  }
-
-  /** The durability flush finished: complete its writes. */
-  durabilityDone(result: number): void {
-    this.#flushInFlight = false;
-    const batch = this.#flush.batch;
-    for (let i = 0; i < batch.length; i++) {
-      const r = batch[i];
-      this.finish(r, result < 0 || r.writeResult !== r.dataLen ? BlkStatus.IOERR : BlkStatus.OK, 1);
-    }
-    batch.length = 0;
-    if (this.#waiting.length > 0) {
-      if (this.inKick) this.requeued = true;
-      else this.#needFlush = true;
-    }
-  }
-
-  finish(req: BlkRequest, status: number, usedLen: number): void {
-    if (req.statusRegion) req.statusRegion.bytes[req.statusOff] = status;
-    const m = this.metrics;
-    m.requests++;
-    if (status !== BlkStatus.OK) m.errors++;
-    else if (req.type === BlkType.IN) m.readBytes += req.dataLen;
-    else if (req.type === BlkType.OUT) m.writeBytes += req.dataLen;
-    if (this.#doneN === this.#doneStarts.length) this.#observe();
-    this.#doneStarts[this.#doneN++] = req.start;
-    this.vq.pushUsed(req.head, usedLen);
-    if (!this.inKick) this.#needPublish = true;
-  }
-
-  #observe(): void {
-    const n = this.#doneN;
-    if (n === 0) return;
-    const now = performance.now();
-    const m = this.metrics;
-    for (let i = 0; i < n; i++) m.observe((now - this.#doneStarts[i]) * 1000);
-    this.#doneN = 0;
-  }
-
-  /** Publishes the used ring (one store, one call if wanted) and records the batch's latencies. */
-  publish(): void {
-    this.vq.flush();
-    this.#observe();
   }
 }
 
@@ -360,7 +96,7 @@ export class BlkDevice implements VhostUserDevice {
   readonly #file: OwnedFd;
   readonly #serial: Uint8Array;
   /** The engine every queue uses ("auto" resolved at construction) and why it was chosen. */
-  readonly engine: "uring" | "vmcopy" | "preadv";
+  readonly engine: EngineKind;
   readonly engineReason: string;
   /** vmcopy helper threads (0 or 1). */
   readonly ioThreads: number;
@@ -368,7 +104,7 @@ export class BlkDevice implements VhostUserDevice {
   readonly #vm: VmCopyFile | null = null;
   readonly #queues: (BlkQueue | undefined)[] = [];
   readonly #chain = new DescriptorChain();
-  readonly #scratch = new Uint8Array(16 * MAX_DWZ_SEGS);
+  readonly #scratch = new Uint8Array(16 * (MAX_DWZ_SEGS + 1));
   readonly #scratchView = new DataView(this.#scratch.buffer);
   readonly #config = new Uint8Array(MAX_CONFIG_SIZE);
 
@@ -379,24 +115,18 @@ export class BlkDevice implements VhostUserDevice {
     this.blkSize = options.blkSize ?? 512;
     this.numQueues = options.numQueues ?? 1;
     this.writeback = options.writeback ?? false;
-    const choice = options.engine ?? "auto";
-    if (choice === "auto") {
-      const { kind, reason } = chooseEngine(file);
-      this.engine = kind;
-      this.engineReason = reason;
-    } else {
-      this.engine = choice;
-      this.engineReason = `--engine=${choice}`;
-    }
+    const { kind, reason } = resolveEngine(file, options.engine ?? "auto");
+    this.engine = kind;
+    this.engineReason = reason;
     this.ioThreads = options.ioThreads ?? 1;
     if (this.ioThreads !== 0 && this.ioThreads !== 1) {
-      throw new RangeError(`--io-threads must be 0 or 1: got ${this.ioThreads}`);
+      throw new RangeError(`io threads must be 0 or 1: got ${this.ioThreads}`);
     }
     if (this.engine === "vmcopy") {
       try {
         this.#vm = VmCopyFile.open(file);
       } catch (e) {
-        throw new InputError(`--engine vmcopy: ${(e as Error).message}`);
+        throw new Error(`engine vmcopy: ${(e as Error).message}`);
       }
       this.#vm.helperEnabled = this.ioThreads > 0;
       // Started now, so it is up (and its code warm) before the first batch it could take.
@@ -404,7 +134,7 @@ export class BlkDevice implements VhostUserDevice {
     }
     const serial = new TextEncoder().encode(options.serial ?? "");
     if (serial.byteLength > ID_BYTES) {
-      throw new RangeError(`--serial must be at most ${ID_BYTES} bytes: got ${serial.byteLength}`);
+      throw new RangeError(`serial must be at most ${ID_BYTES} bytes: got ${serial.byteLength}`);
     }
     this.#serial = serial;
     let f = bit(BlkFeature.SEG_MAX) | bit(BlkFeature.BLK_SIZE) | bit(BlkFeature.FLUSH) |
@@ -460,11 +190,9 @@ export class BlkDevice implements VhostUserDevice {
   startQueue(vq: VirtQueue, ctx: DeviceContext): void {
     let q = this.#queues[vq.index];
     if (!q) {
-      const vm = this.#vm;
-      const engine = createEngine(this.#file, ctx.reactor, {
-        engine: this.engine,
+      const engine = createEngine(this.#file, ctx.reactor, this.engine, {
         depth: vq.size,
-        vmFile: vm ? () => vm : undefined,
+        vmFile: this.#vm ?? undefined,
       });
       q = new BlkQueue(this, vq, engine, ctx.metrics.queue(vq.index));
       if (engine instanceof VmCopyEngine) this.#addHelperMetrics(ctx);
@@ -532,23 +260,24 @@ export class BlkDevice implements VhostUserDevice {
     req.statusRegion = null;
     req.dataLen = 0;
     req.iov.clear();
-    const n = c.count;
     // The status byte is the last byte of the last (device-writable) buffer.
-    if (n === 0 || !c.writes[n - 1] || c.readable < 16) {
+    const status = c.lastWritable();
+    if (status === null || c.readable < HEADER_BYTES) {
       req.type = -1;
       return q.finish(req, BlkStatus.IOERR, 0);
     }
-    req.statusRegion = c.regions[n - 1];
-    req.statusOff = c.offsets[n - 1] + c.lengths[n - 1] - 1;
+    req.statusRegion = status.region;
+    req.statusOff = status.offset;
     let type: number, sectorLo: number, sectorHi: number;
-    if (!c.writes[0] && c.lengths[0] >= 16) {
+    if (!c.writes[0] && c.lengths[0] >= HEADER_BYTES) {
+      // The usual layout: the header is one buffer, read in place.
       const v = c.regions[0]!.view;
       const o = c.offsets[0];
       type = v.getUint32(o, true);
       sectorLo = v.getUint32(o + 8, true);
       sectorHi = v.getUint32(o + 12, true);
     } else {
-      this.#copyReadable(c, 0, 16);
+      c.read(0, this.#scratch.subarray(0, HEADER_BYTES));
       const v = this.#scratchView;
       type = v.getUint32(0, true);
       sectorLo = v.getUint32(8, true);
@@ -558,7 +287,8 @@ export class BlkDevice implements VhostUserDevice {
     const offset = sectorHi >= 0x100000 ? Infinity : (sectorHi * 4294967296 + sectorLo) * SECTOR;
     switch (type) {
       case BlkType.IN: {
-        const len = this.#pushData(req.iov, c, true);
+        // Data: every device-writable byte but the status byte.
+        const len = c.gather(req.iov, true, 0, c.writable - 1);
         if (len < 0 || offset + len > this.size) return q.finish(req, BlkStatus.IOERR, 1);
         req.dataLen = len;
         req.op = "read";
@@ -567,7 +297,8 @@ export class BlkDevice implements VhostUserDevice {
       }
       case BlkType.OUT: {
         if (this.readOnly) return q.finish(req, BlkStatus.IOERR, 1);
-        const len = this.#pushData(req.iov, c, false);
+        // Data: every device-readable byte after the header.
+        const len = c.gather(req.iov, false, HEADER_BYTES, c.readable - HEADER_BYTES);
         if (len < 0 || offset + len > this.size) return q.finish(req, BlkStatus.IOERR, 1);
         req.dataLen = len;
         req.op = "write";
@@ -588,76 +319,17 @@ export class BlkDevice implements VhostUserDevice {
     }
   }
 
-  /**
-   * Pushes the data buffers into `iov`: device-writable bytes except the status byte (IN), or
-   * device-readable bytes after the 16-byte header (OUT). Returns the byte count, -1 if too many.
-   */
-  #pushData(iov: IoVecs, c: DescriptorChain, writable: boolean): number {
-    const n = c.count;
-    let skip = writable ? 0 : 16;
-    let total = 0;
-    for (let i = 0; i < n; i++) {
-      if ((c.writes[i] === 1) !== writable) continue;
-      let off = c.offsets[i];
-      let len = c.lengths[i];
-      if (writable && i === n - 1) len -= 1; // the status byte
-      if (skip > 0) {
-        const s = Math.min(skip, len);
-        off += s;
-        len -= s;
-        skip -= s;
-      }
-      if (len === 0) continue;
-      if (iov.count >= iov.capacity) return -1;
-      iov.push(c.regions[i]!.map, off, len);
-      total += len;
-    }
-    return total;
-  }
-
-  /** Copies `len` device-readable bytes starting at readable offset `from` into the scratch buffer. */
-  #copyReadable(c: DescriptorChain, from: number, len: number): number {
-    let pos = 0;
-    let skip = from;
-    for (let i = 0; i < c.count && pos < len; i++) {
-      if (c.writes[i]) continue;
-      let off = c.offsets[i];
-      let l = c.lengths[i];
-      if (skip > 0) {
-        const s = Math.min(skip, l);
-        off += s;
-        l -= s;
-        skip -= s;
-      }
-      const k = Math.min(l, len - pos);
-      const src = c.regions[i]!.bytes;
-      for (let j = 0; j < k; j++) this.#scratch[pos + j] = src[off + j];
-      pos += k;
-    }
-    return pos;
-  }
-
+  /** GET_ID: the serial, zero-padded to 20 bytes, into the writable bytes before the status byte. */
   #writeId(c: DescriptorChain): number {
-    const n = c.count;
-    let pos = 0;
     const id = new Uint8Array(ID_BYTES);
     id.set(this.#serial);
-    for (let i = 0; i < n && pos < ID_BYTES; i++) {
-      if (!c.writes[i]) continue;
-      let len = c.lengths[i];
-      if (i === n - 1) len -= 1;
-      const k = Math.min(len, ID_BYTES - pos);
-      if (k <= 0) continue;
-      c.regions[i]!.bytes.set(id.subarray(pos, pos + k), c.offsets[i]);
-      pos += k;
-    }
-    return pos;
+    return c.write(0, id.subarray(0, Math.max(0, Math.min(ID_BYTES, c.writable - 1))));
   }
 
   #discard(c: DescriptorChain, type: number): number {
-    const bytes = c.readable - 16;
+    const bytes = c.readable - HEADER_BYTES;
     if (bytes <= 0 || bytes % 16 !== 0 || bytes / 16 > MAX_DWZ_SEGS) return BlkStatus.IOERR;
-    this.#copyReadable(c, 16, bytes);
+    c.read(HEADER_BYTES, this.#scratch.subarray(0, bytes));
     const v = this.#scratchView;
     // Pass 0 validates every range, pass 1 applies them: a bad range leaves the file untouched.
     for (let pass = 0; pass < 2; pass++) {
@@ -712,7 +384,7 @@ export class BlkDevice implements VhostUserDevice {
       return true;
     } catch (e) {
       const errno = (e as ErrnoError).errno;
-      if (errno !== 95 /* EOPNOTSUPP */) return false;
+      if (errno !== Errno.EOPNOTSUPP) return false;
       if (type === BlkType.DISCARD) return true; // discard is a hint
       try {
         punchHole(this.#file, off, len); // reads of a hole return zeros

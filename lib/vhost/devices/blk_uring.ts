@@ -5,12 +5,18 @@
  * readable and are reaped from the Reactor. Short transfers are resubmitted for the rest.
  * @module
  */
-import { EventFd, IoUring, type IoVecs, type OwnedFd, type Reactor, type Watch } from "../../../ffi/mod.ts";
-import type { BlkIoEngine, BlkIoRequest } from "./blk_io.ts";
+import {
+  Errno,
+  EventFd,
+  IoUring,
+  type IoVecs,
+  type OwnedFd,
+  type Reactor,
+  type Watch,
+} from "../../../ffi/mod.ts";
+import type { BlkIoEngine, BlkIoRequest } from "./blk_engine.ts";
 
-const EAGAIN = 11;
-const EINTR = 4;
-/** EAGAIN/EINTR completions are retried this often per request, then reported (no spinning). */
+/** Errno.EAGAIN/Errno.EINTR completions are retried this often per request, then reported (no spinning). */
 const MAX_RETRIES = 3;
 
 /** Options for UringEngine. */
@@ -157,7 +163,7 @@ export class UringEngine implements BlkIoEngine {
     const req = this.#req[slot];
     if (req === null) throw new Error(`io_uring completion for idle slot ${slot} (res ${res})`);
     if (this.#closed) return this.#release(slot);
-    if ((res === -EAGAIN || res === -EINTR) && this.#retries[slot] < MAX_RETRIES) {
+    if ((res === -Errno.EAGAIN || res === -Errno.EINTR) && this.#retries[slot] < MAX_RETRIES) {
       this.#retries[slot]++;
       return this.#prep(slot, req, this.#iov[slot]!, req.offset + this.#moved[slot]);
     }

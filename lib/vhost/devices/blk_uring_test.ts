@@ -16,7 +16,10 @@ import {
   supportsNowait,
   unlinkPath,
 } from "../../../ffi/mod.ts";
-import { type BlkIoEngine, type BlkIoRequest, createEngine, SyncEngine } from "./blk_io.ts";
+import type { BlkIoEngine, BlkIoRequest } from "./blk_engine.ts";
+import { parseEngineChoice } from "./blk_engine.ts";
+import { createEngine, resolveEngine } from "./blk_engines.ts";
+import { PreadvEngine } from "./blk_preadv.ts";
 import { UringEngine } from "./blk_uring.ts";
 
 /** A running reactor, a temp file and memfd "guest memory"; everything released by close(). */
@@ -262,37 +265,38 @@ Deno.test("UringEngine rejects a bad depth", () => {
   assert.throws(() => new UringEngine(file, reactor, { depth: 5000 }), /got 5000/);
 });
 
-Deno.test("createEngine picks io_uring for auto (nowait files) and uring, preadv on request, rejects others", () => {
+Deno.test("resolveEngine picks io_uring for auto on nowait files; createEngine builds each kind; bad names refused", () => {
   using reactor = new Reactor();
   using file = memfdCreate("x");
-  const auto = createEngine(file, reactor);
-  assert.equal(auto.name, supportsNowait(file) ? "io_uring" : "preadv", "memfd is tmpfs");
-  auto.close();
+  ftruncate(file, 8192);
+  const auto = resolveEngine(file, "auto");
+  assert.equal(auto.kind, supportsNowait(file) ? "uring" : "vmcopy", "a memfd is a tmpfs file");
   const { fd: disk, path } = mkstempIn("/tmp", "mpq-engine-");
-  const autoDisk = createEngine(disk, reactor);
-  assert.equal(autoDisk.name, supportsNowait(disk) ? "io_uring" : "preadv");
-  autoDisk.close();
+  const autoDisk = resolveEngine(disk, "auto");
+  assert.equal(autoDisk.kind, supportsNowait(disk) ? "uring" : "preadv");
+  const built = createEngine(disk, reactor, autoDisk.kind);
+  assert.equal(built.name, autoDisk.kind === "uring" ? "io_uring" : "preadv");
+  built.close();
   disk.close();
   unlinkPath(path);
-  const uring = createEngine(file, reactor, { engine: "uring", depth: 4 });
+  assert.deepEqual(resolveEngine(file, "uring"), { kind: "uring", reason: "forced" });
+  const uring = createEngine(file, reactor, "uring", { depth: 4 });
   assert.ok(uring instanceof UringEngine);
   assert.equal(uring.depth, 4);
   uring.close();
-  const sync = createEngine(file, reactor, { engine: "preadv" });
-  assert.ok(sync instanceof SyncEngine);
+  const sync = createEngine(file, reactor, "preadv");
+  assert.ok(sync instanceof PreadvEngine);
   sync.close();
-  assert.throws(
-    () => createEngine(file, reactor, { engine: "aio" as "auto" }),
-    /engine must be auto, uring, vmcopy or preadv: got "aio"/,
-  );
+  assert.throws(() => parseEngineChoice("aio"), /engine must be auto, uring, vmcopy, preadv: got "aio"/);
+  assert.equal(parseEngineChoice("vmcopy"), "vmcopy");
 });
 
-Deno.test("UringEngine and SyncEngine produce the same file contents for the same requests", async () => {
+Deno.test("UringEngine and PreadvEngine produce the same file contents for the same requests", async () => {
   const fx = new Fixture(256 * 1024, 512 * 1024);
   const other = mkstempIn("/tmp", "mpq-blk-sync-");
   ftruncate(other.fd, 256 * 1024);
   const uring = new UringEngine(fx.file, fx.reactor, { depth: 8 });
-  const sync = new SyncEngine(other.fd);
+  const sync = new PreadvEngine(other.fd);
   try {
     fx.mem.bytes.set(pattern(512 * 1024, 77));
     const reqs: Array<Omit<BlkIoRequest, "done">> = [];

@@ -36,7 +36,8 @@ import {
   vmWriteSelf,
 } from "../../../ffi/mod.ts";
 import { ALLOC_MAP_MAX_BYTES, AllocMap } from "./alloc_map.ts";
-import { type BlkIoEngine, type BlkIoRequest, SyncEngine } from "./blk_io.ts";
+import type { BlkIoEngine, BlkIoRequest } from "./blk_engine.ts";
+import { PreadvEngine } from "./blk_preadv.ts";
 import { SplitGate } from "./split_gate.ts";
 
 /** The file size must be a multiple of this for the mapping to cover it exactly. */
@@ -139,7 +140,7 @@ export class VmCopyFile {
 
 /**
  * Copies each run of queued reads (or writes) with one process_vm_readv (process_vm_writev) of up
- * to IOV_MAX iovecs a side; flushes and requests that faulted go through a SyncEngine.
+ * to IOV_MAX iovecs a side; flushes and requests that faulted go through a PreadvEngine.
  * @example
  * const engine = VmCopyEngine.open(file);
  * engine.queue({ op: "read", offset: 0, iov, done: (n) => complete(n) });
@@ -152,7 +153,7 @@ export class VmCopyEngine implements BlkIoEngine {
   readonly #ownsVm: boolean;
   readonly #map: MappedRegion;
   readonly #alloc: AllocMap | null;
-  readonly #sync: SyncEngine;
+  readonly #sync: PreadvEngine;
   readonly #local = new IoVecs(IOV_MAX);
   readonly #remote = new IoVecs(IOV_MAX);
   #queued: BlkIoRequest[] = [];
@@ -179,7 +180,7 @@ export class VmCopyEngine implements BlkIoEngine {
     this.#ownsVm = owns;
     this.#map = vm.map;
     this.#alloc = vm.alloc;
-    this.#sync = new SyncEngine(vm.file);
+    this.#sync = new PreadvEngine(vm.file);
   }
 
   /** Maps `file` for this engine alone; throws Error naming why when it cannot (see VmCopyFile). */

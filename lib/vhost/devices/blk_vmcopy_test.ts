@@ -13,7 +13,9 @@ import {
   Reactor,
   unlinkPath,
 } from "../../../ffi/mod.ts";
-import { type BlkIoRequest, chooseEngine, createEngine, SyncEngine } from "./blk_io.ts";
+import type { BlkIoRequest } from "./blk_engine.ts";
+import { createEngine, resolveEngine } from "./blk_engines.ts";
+import { PreadvEngine } from "./blk_preadv.ts";
 import { VmCopyEngine, VmCopyFile, vmCopyUsable } from "./blk_vmcopy.ts";
 
 /** st_blocks of `fd` in bytes. */
@@ -57,7 +59,7 @@ class Fixture {
 }
 
 /** Queues every request, submits once (completions are inline), returns their results in order. */
-function run(engine: VmCopyEngine | SyncEngine, reqs: Array<Omit<BlkIoRequest, "done">>): number[] {
+function run(engine: VmCopyEngine | PreadvEngine, reqs: Array<Omit<BlkIoRequest, "done">>): number[] {
   const results: number[] = new Array(reqs.length).fill(NaN);
   reqs.forEach((r, i) => engine.queue({ ...r, done: (n) => void (results[i] = n) }));
   assert.equal(engine.pending, reqs.length);
@@ -94,12 +96,12 @@ Deno.test("VmCopyEngine reads a batch of scattered requests from the file into g
   }
 });
 
-Deno.test("VmCopyEngine writes, flushes and reads back like SyncEngine, over more than IOV_MAX iovecs", () => {
+Deno.test("VmCopyEngine writes, flushes and reads back like PreadvEngine, over more than IOV_MAX iovecs", () => {
   const fx = new Fixture(1 << 20, 2 << 20);
   const other = memfdCreate("other");
   ftruncate(other, 1 << 20);
   const engine = VmCopyEngine.open(fx.file);
-  const sync = new SyncEngine(other);
+  const sync = new PreadvEngine(other);
   try {
     fx.mem.bytes.set(pattern(2 << 20, 21));
     const reqs: Array<Omit<BlkIoRequest, "done">> = [];
@@ -205,22 +207,26 @@ Deno.test("vmCopyUsable and VmCopyEngine.open refuse sizes that are not whole pa
   }
 });
 
-Deno.test("createEngine: auto picks vmcopy for a tmpfs file (and says why), preadv and vmcopy on request", () => {
+Deno.test("resolveEngine: auto picks vmcopy for a tmpfs file (and says why); a forced vmcopy is checked", () => {
   using reactor = new Reactor();
   using file = memfdCreate("x");
   ftruncate(file, 8192);
-  const choice = chooseEngine(file);
+  const choice = resolveEngine(file, "auto");
   assert.equal(choice.kind, "vmcopy");
   assert.match(choice.reason, /^tmpfs file, /);
   for (const [engine, name] of [["auto", "vmcopy"], ["vmcopy", "vmcopy"], ["preadv", "preadv"]] as const) {
-    const e = createEngine(file, reactor, { engine });
+    const e = createEngine(file, reactor, resolveEngine(file, engine).kind);
     assert.equal(e.name, name, engine);
     e.close();
   }
   using empty = memfdCreate("empty");
-  assert.throws(() => createEngine(empty, reactor, { engine: "vmcopy" }), /0 bytes: expected a non-zero/);
-  assert.equal(chooseEngine(empty).kind, "preadv", "auto falls back when vmcopy cannot serve the file");
-  assert.match(chooseEngine(empty).reason, /vmcopy cannot serve it: .*0 bytes/);
+  assert.throws(() => resolveEngine(empty, "vmcopy"), /engine vmcopy: .*0 bytes: expected a non-zero/);
+  assert.equal(
+    resolveEngine(empty, "auto").kind,
+    "preadv",
+    "auto falls back when vmcopy cannot serve the file",
+  );
+  assert.match(resolveEngine(empty, "auto").reason, /vmcopy cannot serve it: .*0 bytes/);
 });
 
 Deno.test("VmCopyFile on tmpfs tracks allocation: reads of holes go through preadv and allocate nothing", () => {

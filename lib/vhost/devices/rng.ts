@@ -5,6 +5,7 @@
  */
 import { getRandom } from "../../../ffi/mod.ts";
 import type { DeviceContext, VhostUserDevice } from "../backend.ts";
+import type { GuestRegion } from "../guest_memory.ts";
 import type { Metrics } from "../metrics.ts";
 import { DescriptorChain, type VirtQueue } from "../virtqueue.ts";
 
@@ -24,6 +25,9 @@ export class RngDevice implements VhostUserDevice {
   readonly features = 0n;
   readonly numQueues = 1;
   readonly #chain = new DescriptorChain();
+  readonly #fill = (r: GuestRegion, offset: number, len: number): void => {
+    getRandom(r.bytes.subarray(offset, offset + len));
+  };
   #metrics: Metrics | null = null;
   /** Per queue: a pass stopped at its fair share with buffers left (continued on the next turn). */
   readonly #resume: boolean[] = [];
@@ -70,13 +74,7 @@ export class RngDevice implements VhostUserDevice {
     do {
       while (served < budget && bytes < RNG_TURN_BYTES && vq.pop(c)) {
         const t0 = performance.now();
-        let given = 0;
-        for (let i = 0; i < c.count && given < RNG_MAX_REQUEST; i++) {
-          if (!c.writes[i]) continue;
-          const len = Math.min(c.lengths[i], RNG_MAX_REQUEST - given);
-          getRandom(c.regions[i]!.bytes.subarray(c.offsets[i], c.offsets[i] + len));
-          given += len;
-        }
+        const given = c.segments(true, 0, Math.min(c.writable, RNG_MAX_REQUEST), this.#fill);
         vq.pushUsed(c.head, given);
         served++;
         bytes += given;
