@@ -78,12 +78,31 @@ self.onmessage = (e) => {
 
 /**
  * @example
- * const helper = CopyHelper.start();
- * if (helper.post("read", local, 0, 8, remote, 0, 8)) {
- *   const mine = vmReadSelf(restLocal, restRemote);
- *   const theirs = helper.collect(); // bytes, -errno, or null if taken back: do it yourself
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { IoVecs } from "./iovec.ts";
+ * import { ftruncate, mapShared, memfdCreate } from "./memory.ts";
+ * import { vmCopySelf } from "./vmcopy.ts";
+ *
+ * using fd = memfdCreate("memory");
+ * ftruncate(fd, 8192);
+ * using mem = mapShared(fd, 8192);
+ * mem.bytes.fill(7, 4096); // copy the second page into the first, in two halves
+ * const local = new IoVecs(2), remote = new IoVecs(2);
+ * for (const half of [0, 2048]) {
+ *   local.push(mem, half, 2048);
+ *   remote.push(mem, 4096 + half, 2048);
  * }
+ * const helper = CopyHelper.start();
+ * const posted = helper.post("read", local, 0, 1, remote, 0, 1); // false while it is not awake
+ * let copied = vmCopySelf("read", local, 1, 1, remote, 1, 1); // meanwhile, our half
+ * const theirs = posted ? helper.collect() : null; // bytes, -errno, or null when taken back
+ * if (theirs !== null && theirs < 0) throw new Error(`process_vm_readv: errno ${-theirs}`);
+ * copied += theirs ?? vmCopySelf("read", local, 0, 1, remote, 0, 1); // not posted or taken back
  * helper.close();
+ * assert.equal(copied, 4096);
+ * assert.deepEqual(mem.bytes.subarray(0, 4096), new Uint8Array(4096).fill(7));
+ * ```
  */
 export class CopyHelper {
   readonly #sab = new SharedArrayBuffer(64 + 8 * 8);

@@ -163,10 +163,24 @@ function mask(i: Interest): number {
 
 /**
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { EventFd } from "./eventfd.ts";
+ *
  * const reactor = new Reactor();
- * reactor.add(listener.fd, { readable: true }, () => accept());
+ * using kick = new EventFd();
+ * const seen: bigint[] = [];
+ * const watch = reactor.add(kick.fd, { readable: true }, () => {
+ *   seen.push(kick.drain());
+ *   watch.remove();
+ *   reactor.stop();
+ * });
  * reactor.onSignal("SIGTERM", () => reactor.stop());
- * await reactor.run();
+ * setTimeout(() => kick.signal(), 10); // a peer, a timer, another component
+ * await reactor.run(); // until stop(): the event loop keeps turning meanwhile
+ * reactor.close();
+ * assert.deepEqual(seen, [1n]);
+ * ```
  */
 export class Reactor {
   readonly #ep: OwnedFd;

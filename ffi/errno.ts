@@ -148,7 +148,19 @@ export function lastErrno(): number {
 /**
  * Throws an ErrnoError when `result` is -1 (reading errno at once), else returns it.
  * @example
- * const fd = check("socket", libc.socket(1, 1, 0));
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { libc } from "./_libc.ts";
+ * import { OwnedFd } from "./fd.ts";
+ *
+ * const sock = OwnedFd.unsafeAdopt(check("socket", libc.socket(1, 1, 0)), "socket"); // AF_UNIX, SOCK_STREAM
+ * sock.close();
+ * assert.throws(() => check("close", libc.close(-1), "fd -1"), {
+ *   name: "ErrnoError",
+ *   message: "close fd -1: EBADF (errno 9)",
+ *   code: "EBADF",
+ * });
+ * ```
  */
 export function check<T extends number | bigint>(syscall: string, result: T, detail?: string): T {
   if (result === -1 || result === -1n) throw new ErrnoError(syscall, lastErrno(), detail);

@@ -12,8 +12,15 @@ const EFD_NONBLOCK = 0o4000;
 /**
  * An eventfd. `signal()` adds 1; `drain()` reads and resets the counter (0 when it was zero).
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
  * using ev = new EventFd();
- * ev.signal(); ev.drain(); // 1n
+ * ev.signal();
+ * ev.signal();
+ * assert.equal(ev.drain(), 2n);
+ * assert.equal(ev.drain(), 0n); // nonblocking: nothing signalled since
+ * ```
  */
 export class EventFd {
   readonly fd: OwnedFd;

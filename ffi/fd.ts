@@ -20,7 +20,19 @@ let openCount = 0;
 /**
  * A file descriptor with exactly one owner. `close()` is idempotent; using a closed fd throws.
  * @example
- * using fd = OwnedFd.unsafeAdopt(3, "inherited");
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const [r, w] = pipe(); // two OwnedFds; an inherited fd: OwnedFd.unsafeAdopt(3, "--fd 3")
+ * w.write(new Uint8Array([42]));
+ * w.close();
+ * w.close(); // idempotent
+ * const buf = new Uint8Array(1);
+ * assert.equal(r.read(buf), 1);
+ * assert.equal(r.read(buf), 0); // end of file: the write end is closed
+ * r.close();
+ * assert.throws(() => r.read(buf), { code: "EBADF" }); // never the number's next owner
+ * ```
  */
 export class OwnedFd {
   #fd: number;
@@ -178,7 +190,17 @@ const FILE_TYPES: Readonly<Record<number, string>> = {
  * another anon inode's name: "timerfd", "signalfd", ...), "socket", "pipe", "regular file" (memfds,
  * /dev/shm and hugetlbfs files too), "directory", "character device", "block device", "fifo".
  * @example
- * fdKind(new EventFd().fd); // "eventfd"
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { EventFd } from "./eventfd.ts";
+ *
+ * using ev = new EventFd();
+ * assert.equal(fdKind(ev.fd), "eventfd");
+ * const [r, w] = pipe();
+ * assert.equal(fdKind(r), "pipe");
+ * r.close();
+ * w.close();
+ * ```
  */
 export function fdKind(fd: OwnedFd): string {
   let link = "";

@@ -76,7 +76,15 @@ const SEEK_HOLE = 4;
  * SEEK_HOLE); null when there are more than `limit` of them. A file system without hole support
  * reports one extent covering the whole file.
  * @example
- * const extents = dataExtents(file, size, 4096); // [[0, 65536], [1048576, 2097152]]
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ftruncate, memfdCreate } from "./memory.ts";
+ *
+ * using file = memfdCreate("sparse"); // tmpfs: holes are reported
+ * file.write(new Uint8Array(4096).fill(1)); // one page of data at 0...
+ * ftruncate(file, 1 << 20); // ...then a hole up to 1 MiB
+ * assert.deepEqual(dataExtents(file, 1 << 20, 16), [[0, 4096]]);
+ * ```
  */
 export function dataExtents(fd: OwnedFd, size: number, limit: number): Array<[number, number]> | null {
   const out: Array<[number, number]> = [];
@@ -108,7 +116,13 @@ export const TMPFS_MAGIC = 0x01021994;
 /**
  * The f_type of the file system holding `fd` (fstatfs(2)): TMPFS_MAGIC, EXT4_SUPER_MAGIC...
  * @example
- * if (fileSystemType(file) === TMPFS_MAGIC) console.log("tmpfs");
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { memfdCreate } from "./memory.ts";
+ *
+ * using file = memfdCreate("disk");
+ * assert.equal(fileSystemType(file), TMPFS_MAGIC); // memfds live on tmpfs
+ * ```
  */
 export function fileSystemType(fd: OwnedFd): number {
   // struct statfs is 120 bytes on x86_64; f_type (__fsword_t, a long) comes first.

@@ -146,11 +146,26 @@ export type CompletionHandler = (userData: number, res: number) => void;
  * Callers keep the buffers an SQE points at (IoVecs and the memory they describe) alive and
  * unchanged until its completion has been reaped.
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { IoVecs } from "./iovec.ts";
+ * import { ftruncate, mapShared, memfdCreate } from "./memory.ts";
+ *
+ * using file = memfdCreate("disk");
+ * file.write(new TextEncoder().encode("hello"));
+ * using mem = memfdCreate("buffers");
+ * ftruncate(mem, 4096);
+ * using region = mapShared(mem, 4096);
+ * const iov = new IoVecs(1);
+ * iov.push(region, 0, 512);
  * using ring = IoUring.create(64);
- * ring.prepReadv(file, iov, 0, 1);
+ * ring.prepReadv(file, iov, 0, 1); // file offset 0, user_data 1
  * ring.submit();
- * ring.wait(1);
- * ring.reap((id, res) => console.log(id, res));
+ * ring.wait(1); // blocks: for tools and tests; a server registers an EventFd with the Reactor
+ * const done: Array<[number, number]> = [];
+ * ring.reap((id, res) => done.push([id, res]));
+ * assert.deepEqual(done, [[1, 5]]); // 5 bytes read
+ * ```
  */
 export class IoUring {
   /** SQ ring size. */
@@ -524,7 +539,12 @@ const EOPNOTSUPP = 95;
  * worker thread, which on page-cache-speed files costs far more than a plain preadv. Probed with a
  * 1-byte preadv2(RWF_NOWAIT) at offset 0 (EOPNOTSUPP means no).
  * @example
- * const inline = supportsNowait(file);
+ * ```ts
+ * import { memfdCreate } from "./memory.ts";
+ *
+ * using file = memfdCreate("disk");
+ * const engine = supportsNowait(file) ? "io_uring" : "preadv"; // tmpfs on Linux 6.x: "preadv"
+ * ```
  */
 export function supportsNowait(file: OwnedFd): boolean {
   const byte = new Uint8Array(1);
@@ -543,7 +563,11 @@ let probed: IoUringProbe | undefined;
  * cached. `ok: false` (with the reason) means: use a synchronous fallback (EPERM when disabled by
  * sysctl or seccomp, ENOSYS when the kernel lacks it).
  * @example
- * const engine = probeIoUring().ok ? "uring" : "preadv";
+ * ```ts
+ * const probe = probeIoUring();
+ * const engine = probe.ok ? "io_uring" : "preadv";
+ * if (!probe.ok) console.log(`io_uring: ${probe.reason}; using preadv`);
+ * ```
  */
 export function probeIoUring(): IoUringProbe {
   if (probed) return probed;

@@ -13,9 +13,21 @@ export const IOV_MAX = 1024;
 /**
  * A reusable, preallocated iovec array.
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { preadv } from "./file.ts";
+ * import { ftruncate, mapShared, memfdCreate } from "./memory.ts";
+ *
+ * using file = memfdCreate("disk");
+ * file.write(new TextEncoder().encode("hello"));
+ * using mem = memfdCreate("guest");
+ * ftruncate(mem, 8192);
+ * using region = mapShared(mem, 8192);
  * const iov = new IoVecs(16);
- * iov.push(region, 4096, 512);
- * preadv(file, iov, 0);
+ * iov.push(region, 4096, 512); // 512 bytes at offset 4096 of the region (checked against its size)
+ * assert.equal(preadv(file, iov, 0), 5); // short: the file has 5 bytes
+ * assert.equal(new TextDecoder().decode(region.bytes.subarray(4096, 4101)), "hello");
+ * ```
  */
 export class IoVecs {
   readonly capacity: number;

@@ -104,8 +104,16 @@ export interface MapOptions {
  * A shared mapping of a file. `bytes` is the one view of it; cache typed arrays made from
  * `bytes.buffer`. Unmapped by close(); the fd stays with its owner.
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * using memfd = memfdCreate("shared");
+ * ftruncate(memfd, 4096);
  * using region = mapShared(memfd, 4096);
  * region.bytes[0] = 1;
+ * using other = mapShared(memfd, 4096, { readOnly: true }); // another mapping of the same memory
+ * assert.equal(other.bytes[0], 1);
+ * ```
  */
 export class MappedRegion {
   readonly size: number;

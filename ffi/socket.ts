@@ -59,9 +59,21 @@ export interface Received {
 /**
  * A connected UNIX stream socket that can carry fds.
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { fstat, ftruncate, memfdCreate } from "./memory.ts";
+ *
  * const [a, b] = socketPair();
- * a.sendMsg(new Uint8Array([1]), [memfd]);
- * const got = b.recvMsg(buf); // { bytes: 1, fds: [OwnedFd] }
+ * using memfd = memfdCreate("shared");
+ * ftruncate(memfd, 4096);
+ * a.sendMsg(new Uint8Array([1]), [memfd]); // the fd stays ours; the peer gets its own
+ * const got = b.recvMsg(new Uint8Array(8)); // { bytes: 1, fds: [OwnedFd] }; null when nothing is there
+ * assert.equal(got?.bytes, 1);
+ * using received = got!.fds[0]; // received fds are ours to close
+ * assert.equal(fstat(received).size, 4096);
+ * a.close();
+ * b.close();
+ * ```
  */
 export class UnixSocket {
   readonly fd: OwnedFd;

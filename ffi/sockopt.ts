@@ -15,7 +15,19 @@ const ENOTSOCK = 88;
  * Whether `fd` is a socket in the listening state. False for a socket that does not listen;
  * throws ErrnoError ENOTSOCK naming the fd for anything that is not a socket (EBADF if not open).
  * @example
- * if (!isListeningSocket(fd)) throw new Error("--fd 3: socket is not listening");
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { memfdCreate } from "./memory.ts";
+ * import { listenUnix } from "./socket.ts";
+ *
+ * const dir = Deno.makeTempDirSync();
+ * const listener = listenUnix(`${dir}/a.sock`);
+ * assert.equal(isListeningSocket(listener.fd), true);
+ * using memfd = memfdCreate("not a socket");
+ * assert.throws(() => isListeningSocket(memfd), { code: "ENOTSOCK" });
+ * listener.close(); // unlinks the socket
+ * Deno.removeSync(dir);
+ * ```
  */
 export function isListeningSocket(fd: OwnedFd): boolean {
   const val = new Int32Array(1);

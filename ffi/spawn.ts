@@ -63,8 +63,13 @@ export function resolveExecutable(name: string, path = Deno.env.get("PATH") ?? "
 /**
  * A spawned child. Owns its pidfd; wait() reaps it.
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
  * const child = spawn("/bin/true", ["true"]);
- * const st = await child.wait(); // { code: 0, signal: null, text: "exit 0" }
+ * const st = await child.wait(); // reaps it and closes the pidfd
+ * assert.deepEqual(st, { code: 0, signal: null, text: "exit 0" });
+ * ```
  */
 export class ChildProcess {
   readonly pid: number;

@@ -49,7 +49,21 @@ function call(
  * of `remote` (or `local`) faulted after some bytes were copied; throws ErrnoError (EFAULT when
  * the very first page faulted).
  * @example
- * const n = vmReadSelf(guestBuffers, fileRanges);
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { IoVecs } from "./iovec.ts";
+ * import { ftruncate, mapShared, memfdCreate } from "./memory.ts";
+ *
+ * using fd = memfdCreate("memory");
+ * ftruncate(fd, 8192);
+ * using mem = mapShared(fd, 8192); // guest buffers in the first page, the "file" in the second
+ * mem.bytes.fill(1, 4096);
+ * const guestBuffers = new IoVecs(1), fileRanges = new IoVecs(1);
+ * guestBuffers.push(mem, 0, 512);
+ * fileRanges.push(mem, 4096, 512);
+ * assert.equal(vmReadSelf(guestBuffers, fileRanges), 512);
+ * assert.equal(mem.bytes[511], 1);
+ * ```
  */
 export function vmReadSelf(local: IoVecs, remote: IoVecs): number {
   return call("process_vm_readv", local, remote);
@@ -59,7 +73,21 @@ export function vmReadSelf(local: IoVecs, remote: IoVecs): number {
  * Copies the bytes `local` describes into the memory `remote` describes (process_vm_writev on our
  * own pid). Returns the bytes copied (short on a fault); throws ErrnoError.
  * @example
- * const n = vmWriteSelf(guestBuffers, fileRanges);
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { IoVecs } from "./iovec.ts";
+ * import { ftruncate, mapShared, memfdCreate } from "./memory.ts";
+ *
+ * using fd = memfdCreate("memory");
+ * ftruncate(fd, 8192);
+ * using mem = mapShared(fd, 8192); // guest buffers in the first page, the "file" in the second
+ * mem.bytes.fill(1, 0, 4096);
+ * const guestBuffers = new IoVecs(1), fileRanges = new IoVecs(1);
+ * guestBuffers.push(mem, 0, 512);
+ * fileRanges.push(mem, 4096, 512);
+ * assert.equal(vmWriteSelf(guestBuffers, fileRanges), 512);
+ * assert.equal(mem.bytes[4096 + 511], 1);
+ * ```
  */
 export function vmWriteSelf(local: IoVecs, remote: IoVecs): number {
   return call("process_vm_writev", local, remote);
@@ -74,7 +102,10 @@ let probed: VmCopyProbe | undefined;
  * Whether process_vm_readv on our own pid works here (seccomp can refuse it with EPERM, old
  * kernels with ENOSYS): copies 8 bytes between two buffers and checks them. Cached.
  * @example
- * if (!probeVmCopy().ok) console.log("falling back to preadv");
+ * ```ts
+ * const probe = probeVmCopy();
+ * if (!probe.ok) console.log(`falling back to preadv: ${probe.reason}`);
+ * ```
  */
 export function probeVmCopy(): VmCopyProbe {
   if (probed) return probed;
@@ -98,7 +129,13 @@ export function probeVmCopy(): VmCopyProbe {
  * Whether `fd` was opened with O_DIRECT (fcntl F_GETFL): such a file must not be read through a
  * mapping (the page cache), which would mix cached and direct I/O.
  * @example
- * if (isDirectIo(file)) useSyncEngine();
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { memfdCreate } from "./memory.ts";
+ *
+ * using file = memfdCreate("disk");
+ * assert.equal(isDirectIo(file), false); // no O_DIRECT: it may be read through a mapping
+ * ```
  */
 export function isDirectIo(fd: OwnedFd): boolean {
   return (check("fcntl(F_GETFL)", libc.fcntl(fd.unsafeFd, F_GETFL, 0), fd.label) & OpenFlags.O_DIRECT) !== 0;
@@ -108,7 +145,23 @@ export function isDirectIo(fd: OwnedFd): boolean {
  * vmReadSelf / vmWriteSelf over part of the iovecs: local [lFrom, lFrom+lCount) and remote
  * [rFrom, rFrom+rCount) (checked against their counts; RangeError otherwise).
  * @example
- * const n = vmCopySelf("read", guestBuffers, 4, 4, fileRanges, 4, 4); // the second half
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { IoVecs } from "./iovec.ts";
+ * import { ftruncate, mapShared, memfdCreate } from "./memory.ts";
+ *
+ * using fd = memfdCreate("memory");
+ * ftruncate(fd, 8192);
+ * using mem = mapShared(fd, 8192); // guest buffers in the first page, the "file" in the second
+ * mem.bytes.fill(1, 4096);
+ * const guestBuffers = new IoVecs(8), fileRanges = new IoVecs(8);
+ * for (let i = 0; i < 8; i++) {
+ *   guestBuffers.push(mem, 512 * i, 512);
+ *   fileRanges.push(mem, 4096 + 512 * i, 512);
+ * }
+ * assert.equal(vmCopySelf("read", guestBuffers, 4, 4, fileRanges, 4, 4), 2048); // the second half
+ * assert.deepEqual([mem.bytes[2047], mem.bytes[2048]], [0, 1]);
+ * ```
  */
 export function vmCopySelf(
   op: "read" | "write",
