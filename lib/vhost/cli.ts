@@ -5,20 +5,13 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import {
-  adoptListener,
-  getpid,
-  isListeningSocket,
-  listenUnix,
-  OwnedFd,
-  type UnixListener,
-} from "../../ffi/mod.ts";
+import { getpid } from "../../ffi/mod.ts";
 import { InputError, UsageError } from "../cli/errors.ts";
-import type { VhostUserDevice } from "./backend.ts";
 import { DEFAULT_POLL_US, VhostUserDaemon } from "./daemon.ts";
-import { BlkDevice, openBlkFile } from "./devices/blk.ts";
+import { DeviceOpenError, openDevice, type OpenedDevice } from "./device_factory.ts";
+import { type DeviceSpec, type Listen, MAX_QUEUES } from "./device_spec.ts";
 import { type EngineChoice, parseEngineChoice } from "./devices/blk_engine.ts";
-import { RngDevice } from "./devices/rng.ts";
+import { ctlMain, serveMain } from "./serve_cli.ts";
 
 const COMMON = `  --socket-path=PATH      listen on this UNIX socket path
   --fd=N                  serve an inherited listening socket (exclusive with --socket-path)
@@ -32,6 +25,8 @@ const COMMON = `  --socket-path=PATH      listen on this UNIX socket path
 /** Usage of `mpq vhost`. */
 export const USAGE = `Usage: mpq vhost blk --blk-file PATH [options]
        mpq vhost rng [options]
+       mpq vhost serve --device SPEC... [--config FILE] [--control PATH] [--metrics PATH]
+       mpq vhost ctl SOCKET list|add SPEC|remove ID [--force]|stop [--json]
 
 vhost-user back-end daemons for QEMU (vhost-user-blk-pci, vhost-user-rng-pci).
 
@@ -48,7 +43,9 @@ blk options:
   --io-threads=0|1        vmcopy: a helper thread copies half of each big batch (default 1)
 
 common options:
-${COMMON}`;
+${COMMON}
+
+serve: many devices in one process (\`mpq vhost serve --help\`); ctl: its control socket's client.`;
 
 const CAPABILITIES: Record<string, unknown> = {
   blk: { type: "block", features: ["read-only", "blk-file"] },
@@ -73,50 +70,46 @@ function defaultQueues(): number {
 }
 
 /** Resolves where to listen: --socket-path, --fd, or systemd's fd 3. */
-function listener(socketPath: string | undefined, fd: string | undefined): UnixListener {
+function listenArg(socketPath: string | undefined, fd: string | undefined): Listen {
   if (socketPath !== undefined && fd !== undefined) {
     throw new UsageError("--socket-path and --fd are mutually exclusive", USAGE);
   }
   if (socketPath !== undefined) {
     if (socketPath === "") throw new UsageError("--socket-path must not be empty", USAGE);
-    try {
-      return listenUnix(socketPath);
-    } catch (e) {
-      throw new InputError(`--socket-path ${socketPath}: ${(e as Error).message}`);
-    }
+    return { socket: socketPath };
   }
-  let n = intArg("fd", fd, 0, 1 << 20);
-  if (n === undefined) {
-    const pid = Deno.env.get("LISTEN_PID");
-    const fds = Deno.env.get("LISTEN_FDS");
-    if (pid && fds && Number(pid) === getpid() && Number(fds) >= 1) {
-      n = 3;
-      Deno.env.delete("LISTEN_PID");
-      Deno.env.delete("LISTEN_FDS");
-      Deno.env.delete("LISTEN_FDNAMES");
-    } else {
-      throw new UsageError("one of --socket-path or --fd is required (or systemd socket activation)", USAGE);
-    }
+  const n = intArg("fd", fd, 0, 1 << 20);
+  if (n !== undefined) return { fd: n };
+  const pid = Deno.env.get("LISTEN_PID");
+  const fds = Deno.env.get("LISTEN_FDS");
+  if (pid && fds && Number(pid) === getpid() && Number(fds) >= 1) {
+    Deno.env.delete("LISTEN_PID");
+    Deno.env.delete("LISTEN_FDS");
+    Deno.env.delete("LISTEN_FDNAMES");
+    return { fd: 3 };
   }
-  const owned = OwnedFd.unsafeAdopt(n, `fd ${n}`);
-  try {
-    if (!isListeningSocket(owned)) throw new Error("the socket is not listening");
-    return adoptListener(owned);
-  } catch (e) {
-    owned.unsafeRelease();
-    throw new InputError(`--fd ${n}: not a usable listening socket: ${(e as Error).message}`);
-  }
+  throw new UsageError("one of --socket-path or --fd is required (or systemd socket activation)", USAGE);
 }
 
-/** `mpq vhost <blk|rng> ...`; returns the exit code. */
+/** The flag a DeviceOpenError's field stands for in the single-device form. */
+const FIELD_FLAGS: Record<string, string> = {
+  file: "--blk-file",
+  engine: "--engine",
+  socket: "--socket-path",
+  fd: "--fd",
+};
+
+/** `mpq vhost blk|rng|serve|ctl ...`: returns the exit code. */
 export async function main(args: string[]): Promise<number> {
   const [kind, ...rest] = args;
   if (kind === undefined || kind === "-h" || kind === "--help") {
     console.log(USAGE);
     return kind === undefined ? 1 : 0;
   }
+  if (kind === "serve") return await serveMain(rest);
+  if (kind === "ctl") return await ctlMain(rest);
   if (kind !== "blk" && kind !== "rng") {
-    throw new UsageError(`unknown device '${kind}': expected blk or rng`, USAGE);
+    throw new UsageError(`unknown device '${kind}': expected blk, rng, serve or ctl`, USAGE);
   }
   let parsed;
   try {
@@ -160,7 +153,7 @@ export async function main(args: string[]): Promise<number> {
   }
   const str = (k: string) => v[k] as string | undefined;
   const pollUs = intArg("poll-us", str("poll-us"), 0, 10_000_000) ?? DEFAULT_POLL_US;
-  let device: VhostUserDevice;
+  let spec: DeviceSpec;
   if (kind === "blk") {
     const file = str("blk-file");
     if (!file) throw new UsageError("--blk-file is required", USAGE);
@@ -168,7 +161,6 @@ export async function main(args: string[]): Promise<number> {
     if (blkSize !== 512 && blkSize !== 4096) {
       throw new UsageError(`--blk-size must be 512 or 4096: got ${blkSize}`, USAGE);
     }
-    const numQueues = intArg("num-queues", str("num-queues"), 1, 64) ?? defaultQueues();
     const serial = str("serial") ?? "";
     if (new TextEncoder().encode(serial).byteLength > 20) {
       throw new UsageError(`--serial must be at most 20 bytes: got ${JSON.stringify(serial)}`, USAGE);
@@ -179,42 +171,34 @@ export async function main(args: string[]): Promise<number> {
     } catch (e) {
       throw new UsageError(`--${(e as Error).message}`, USAGE);
     }
-    const opts = {
+    spec = {
+      type: "blk",
+      id: "blk",
+      listen: listenArg(str("socket-path"), str("fd")),
+      file,
       readOnly: !!v["read-only"],
       serial,
       blkSize,
-      numQueues,
+      numQueues: intArg("num-queues", str("num-queues"), 1, MAX_QUEUES) ?? defaultQueues(),
       direct: !!v.direct,
       writeback: !!v.writeback,
       engine,
-      ioThreads: intArg("io-threads", str("io-threads"), 0, 1) ?? 1,
+      ioThreads: (intArg("io-threads", str("io-threads"), 0, 1) ?? 1) as 0 | 1,
     };
-    let opened: { fd: OwnedFd; size: number };
-    try {
-      opened = openBlkFile(file, opts);
-    } catch (e) {
-      throw new InputError(`--blk-file ${file}: ${(e as Error).message}`);
-    }
-    try {
-      device = new BlkDevice(opened.fd, opened.size, opts);
-    } catch (e) {
-      opened.fd.close();
-      // "engine vmcopy: ...", "engine uring: ..."
-      throw new InputError(`--${(e as Error).message}`);
-    }
   } else {
-    device = new RngDevice();
+    spec = { type: "rng", id: "rng", listen: listenArg(str("socket-path"), str("fd")) };
   }
-  let l: UnixListener;
+  let opened: OpenedDevice;
   try {
-    l = listener(str("socket-path"), str("fd"));
+    opened = openDevice(spec);
   } catch (e) {
-    device.close();
+    if (e instanceof DeviceOpenError) throw new InputError(`${FIELD_FLAGS[e.field]} ${e.message}`);
     throw e;
   }
+  const l = opened.listener;
   let daemon: VhostUserDaemon;
   try {
-    daemon = new VhostUserDaemon(device, l, {
+    daemon = new VhostUserDaemon(opened.device, l, {
       metricsPath: str("metrics"),
       pollUs,
       signals: true,
@@ -222,21 +206,12 @@ export async function main(args: string[]): Promise<number> {
     });
   } catch (e) {
     l.close();
-    device.close();
+    opened.device.close();
     throw new InputError(`${(e as Error).message}`);
   }
-  if (device instanceof BlkDevice) {
+  if (kind === "blk") {
     console.error(
-      `mpq vhost blk: ${str("blk-file")}, ${device.size} bytes, ${
-        device.writeback ? "writeback" : "writethrough"
-      }` +
-        `, engine ${device.engine} (${device.engineReason})` +
-        `${
-          device.engine === "vmcopy"
-            ? `, ${device.ioThreads} helper thread${device.ioThreads === 1 ? "" : "s"}`
-            : ""
-        }, ` +
-        `polling ${pollUs > 0 ? `adaptive up to ${pollUs} µs` : "off"}`,
+      `mpq vhost blk: ${opened.describe}, polling ${pollUs > 0 ? `adaptive up to ${pollUs} µs` : "off"}`,
     );
   }
   console.error(`mpq vhost ${kind}: listening on ${l.path ?? `fd ${str("fd") ?? 3}`}`);

@@ -29,6 +29,13 @@ export interface DaemonOptions {
   trace?: boolean;
   /** Route SIGTERM/SIGINT (stop) and SIGUSR1 (summary) (default false; the CLI sets it). */
   signals?: boolean;
+  /**
+   * Run on this reactor, shared with other daemons (`mpq vhost serve`): the daemon then neither
+   * runs nor closes it. Default: a reactor of its own.
+   */
+  reactor?: Reactor;
+  /** The `device` label of its metrics (default the device type). */
+  label?: string;
 }
 
 /**
@@ -49,14 +56,21 @@ export class VhostUserDaemon {
   #metricsServer: MetricsServer | null = null;
   #removePoller: (() => void) | null = null;
   readonly #window: PollWindow | null;
+  readonly #ownReactor: boolean;
+  #closed = false;
+  /** Resolves when the current connection (if any) has closed and drained. */
+  #connClosed: Promise<void> = Promise.resolve();
+  #connClosedResolve: (() => void) | null = null;
 
   constructor(device: VhostUserDevice, listener: UnixListener | null, options: DaemonOptions = {}) {
     this.device = device;
     this.#listener = listener;
     this.#opts = options;
     this.#log = options.log ?? ((l) => console.error(l));
-    this.reactor = new Reactor({ onError: (e) => this.#log(`mpq vhost: ${(e as Error).message ?? e}`) });
-    this.metrics = new Metrics(device.type, device.numQueues);
+    this.#ownReactor = options.reactor === undefined;
+    this.reactor = options.reactor ??
+      new Reactor({ onError: (e) => this.#log(`mpq vhost: ${(e as Error).message ?? e}`) });
+    this.metrics = new Metrics(options.label ?? device.type, device.numQueues);
     if (options.metricsPath) {
       this.#metricsServer = new MetricsServer(options.metricsPath, {
         reactor: this.reactor,
@@ -121,6 +135,7 @@ export class VhostUserDaemon {
         : undefined,
     });
     this.#handler = handler;
+    this.#connClosed = new Promise((r) => this.#connClosedResolve = r);
     this.#conn = new VhostUserConnection(sock, handler, {
       reactor: this.reactor,
       log: this.#log,
@@ -129,7 +144,8 @@ export class VhostUserDaemon {
         this.#conn = null;
         this.#handler = null;
         this.#log(`mpq vhost: front-end disconnected (${reason})`);
-        if (!this.reactor.stopping) this.#watchListener();
+        this.#connClosedResolve?.();
+        if (!this.reactor.stopping && !this.#closed) this.#watchListener();
       },
     });
   }
@@ -186,15 +202,39 @@ export class VhostUserDaemon {
     this.reactor.stop();
   }
 
-  /** Closes the connection, listener, metrics socket, device and reactor (after run() resolved). */
+  /**
+   * Closes the connection, listener, metrics socket, device and (its own) reactor, after run()
+   * resolved.
+   */
   close(): void {
+    this.#closed = true;
     this.#conn?.close("daemon stopping");
+    this.#release();
+  }
+
+  #release(): void {
     this.#listenWatch?.remove();
     this.#listenWatch = null;
     this.#removePoller?.();
+    this.#removePoller = null;
     this.#metricsServer?.close();
+    this.#metricsServer = null;
     this.#listener?.close();
     this.device.close();
-    this.reactor.close();
+    if (this.#ownReactor) this.reactor.close();
+  }
+
+  /**
+   * Shuts the daemon down while its (shared) reactor keeps running: stops accepting, disconnects
+   * the front-end, waits until the device's in-flight requests drained, then releases everything.
+   */
+  async shutdown(reason = "device removed"): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#listenWatch?.remove();
+    this.#listenWatch = null;
+    this.#conn?.close(reason);
+    await this.#connClosed;
+    this.#release();
   }
 }

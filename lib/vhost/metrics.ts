@@ -91,47 +91,68 @@ export class Metrics {
 
   /** Prometheus text exposition format. */
   render(): string {
-    const d = this.device;
+    return Metrics.renderAll([this]);
+  }
+
+  /**
+   * Several daemons' metrics as one exposition (`mpq vhost serve`): each family's HELP and TYPE
+   * once, then every daemon's samples, told apart by their `device` label.
+   * @example
+   * const text = Metrics.renderAll([diskMetrics, rngMetrics]);
+   */
+  static renderAll(list: readonly Metrics[]): string {
+    const families = new Map<string, { head: string[]; samples: string[] }>();
+    for (const m of list) m.#collect(families);
     const lines: string[] = [];
+    for (const f of families.values()) lines.push(...f.head, ...f.samples);
+    return lines.join("\n") + "\n";
+  }
+
+  #collect(families: Map<string, { head: string[]; samples: string[] }>): void {
+    const d = this.device;
+    const family = (name: string, help: string, type: string): string[] => {
+      let f = families.get(name);
+      if (!f) {
+        f = { head: [`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`], samples: [] };
+        families.set(name, f);
+      }
+      return f.samples;
+    };
     const counter = (name: string, help: string, get: (q: QueueMetrics) => number) => {
-      lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} counter`);
-      this.queues.forEach((q, i) => lines.push(`${name}{device="${d}",queue="${i}"} ${get(q)}`));
+      const out = family(name, help, "counter");
+      this.queues.forEach((q, i) => out.push(`${name}{device="${d}",queue="${i}"} ${get(q)}`));
     };
     counter("mpq_vhost_requests_total", "Requests completed.", (q) => q.requests);
     counter("mpq_vhost_read_bytes_total", "Bytes moved to the guest.", (q) => q.readBytes);
     counter("mpq_vhost_write_bytes_total", "Bytes moved from the guest.", (q) => q.writeBytes);
     counter("mpq_vhost_errors_total", "Requests completed with an error status.", (q) => q.errors);
-    lines.push(
-      "# HELP mpq_vhost_request_latency_seconds Time from popping a request to completing it.",
-      "# TYPE mpq_vhost_request_latency_seconds histogram",
+    const hist = family(
+      "mpq_vhost_request_latency_seconds",
+      "Time from popping a request to completing it.",
+      "histogram",
     );
     this.queues.forEach((q, i) => {
       let cum = 0;
       const labels = `device="${d}",queue="${i}"`;
       LATENCY_BOUNDS_US.forEach((b, k) => {
         cum += q.buckets[k];
-        lines.push(`mpq_vhost_request_latency_seconds_bucket{${labels},le="${b / 1e6}"} ${cum}`);
+        hist.push(`mpq_vhost_request_latency_seconds_bucket{${labels},le="${b / 1e6}"} ${cum}`);
       });
       cum += q.buckets[LATENCY_BOUNDS_US.length];
-      lines.push(`mpq_vhost_request_latency_seconds_bucket{${labels},le="+Inf"} ${cum}`);
-      lines.push(`mpq_vhost_request_latency_seconds_sum{${labels}} ${q.latencySumUs / 1e6}`);
-      lines.push(`mpq_vhost_request_latency_seconds_count{${labels}} ${cum}`);
+      hist.push(`mpq_vhost_request_latency_seconds_bucket{${labels},le="+Inf"} ${cum}`);
+      hist.push(`mpq_vhost_request_latency_seconds_sum{${labels}} ${q.latencySumUs / 1e6}`);
+      hist.push(`mpq_vhost_request_latency_seconds_count{${labels}} ${cum}`);
     });
-    lines.push(
-      "# HELP mpq_vhost_connections_total Front-end connections accepted.",
-      "# TYPE mpq_vhost_connections_total counter",
-      `mpq_vhost_connections_total{device="${d}"} ${this.connections}`,
-      "# HELP mpq_vhost_broken_queues_total Queues stopped because their ring broke the rules.",
-      "# TYPE mpq_vhost_broken_queues_total counter",
-      `mpq_vhost_broken_queues_total{device="${d}"} ${this.brokenQueues}`,
-    );
+    family("mpq_vhost_connections_total", "Front-end connections accepted.", "counter")
+      .push(`mpq_vhost_connections_total{device="${d}"} ${this.connections}`);
+    family("mpq_vhost_broken_queues_total", "Queues stopped because their ring broke the rules.", "counter")
+      .push(`mpq_vhost_broken_queues_total{device="${d}"} ${this.brokenQueues}`);
     for (const src of this.#sources) {
-      lines.push(`# HELP ${src.name} ${src.help}`, `# TYPE ${src.name} ${src.type}`);
+      const out = family(src.name, src.help, src.type);
       for (const [labels, v] of src.values()) {
-        lines.push(`${src.name}{device="${d}"${labels ? `,${labels}` : ""}} ${v}`);
+        out.push(`${src.name}{device="${d}"${labels ? `,${labels}` : ""}} ${v}`);
       }
     }
-    return lines.join("\n") + "\n";
   }
 
   /** One line for SIGUSR1. */
@@ -160,15 +181,16 @@ export class MetricsServer {
   readonly #listener: UnixListener;
   readonly #watch: Watch;
 
-  constructor(path: string, options: { reactor: Reactor; metrics: Metrics }) {
+  constructor(path: string, options: { reactor: Reactor; metrics: Metrics | (() => string) }) {
     const { reactor, metrics } = options;
+    const render = typeof metrics === "function" ? metrics : () => metrics.render();
     this.#listener = listenUnix(path);
     this.#watch = reactor.add(this.#listener.fd, { readable: true }, () => {
       for (;;) {
         const conn = this.#listener.accept();
         if (!conn) return;
         try {
-          const text = new TextEncoder().encode(metrics.render());
+          const text = new TextEncoder().encode(render());
           let off = 0;
           while (off < text.byteLength) {
             const n = conn.sendMsg(text.subarray(off));

@@ -1,0 +1,92 @@
+/**
+ * The one place a {@link DeviceSpec} becomes a running device's parts: the device (its file opened,
+ * its engine resolved) and the listening socket it is served on. Used by `mpq vhost blk|rng`,
+ * `mpq vhost serve` and the control socket's `add`.
+ * @module
+ */
+import { adoptListener, isListeningSocket, listenUnix, OwnedFd, type UnixListener } from "../../ffi/mod.ts";
+import type { VhostUserDevice } from "./backend.ts";
+import type { DeviceSpec, Listen } from "./device_spec.ts";
+import { BlkDevice, openBlkFile } from "./devices/blk.ts";
+import { RngDevice } from "./devices/rng.ts";
+
+/** A device and its listener, not yet served. */
+export interface OpenedDevice {
+  spec: DeviceSpec;
+  device: VhostUserDevice;
+  listener: UnixListener;
+  /** One line for the log: the file, its size, durability and engine, where it listens. */
+  describe: string;
+}
+
+/** A spec that cannot be opened: names the field (as the spec spells it) and why. */
+export class DeviceOpenError extends Error {
+  /** "file", "engine", "socket", "fd". */
+  readonly field: string;
+  constructor(field: string, message: string) {
+    super(message);
+    this.name = "DeviceOpenError";
+    this.field = field;
+  }
+}
+
+/**
+ * Opens what a spec names. Nothing is left open when it throws.
+ * @example
+ * const opened = openDevice(parseDeviceArg("rng,socket=/run/rng0.sock", { defaultQueues: 1, index: 0 }));
+ */
+export function openDevice(spec: DeviceSpec): OpenedDevice {
+  let device: VhostUserDevice;
+  let describe: string;
+  if (spec.type === "blk") {
+    let opened: { fd: OwnedFd; size: number };
+    try {
+      opened = openBlkFile(spec.file, spec);
+    } catch (e) {
+      throw new DeviceOpenError("file", `${spec.file}: ${(e as Error).message}`);
+    }
+    try {
+      const blk = new BlkDevice(opened.fd, opened.size, spec);
+      device = blk;
+      describe =
+        `${spec.file}, ${blk.size} bytes, ${
+          blk.writeback ? "writeback" : "writethrough"
+        }, engine ${blk.engine} ` +
+        `(${blk.engineReason})${
+          blk.engine === "vmcopy" ? `, ${blk.ioThreads} helper thread${blk.ioThreads === 1 ? "" : "s"}` : ""
+        }`;
+    } catch (e) {
+      opened.fd.close();
+      // "engine vmcopy: ...", "engine uring: ..."
+      throw new DeviceOpenError("engine", (e as Error).message);
+    }
+  } else {
+    device = new RngDevice();
+    describe = "getrandom(2)";
+  }
+  try {
+    return { spec, device, listener: openListener(spec.listen), describe };
+  } catch (e) {
+    device.close();
+    throw e;
+  }
+}
+
+/** Listens on a new socket path, or adopts an inherited listening socket (checked to be one). */
+export function openListener(listen: Listen): UnixListener {
+  if ("socket" in listen) {
+    try {
+      return listenUnix(listen.socket);
+    } catch (e) {
+      throw new DeviceOpenError("socket", `${listen.socket}: ${(e as Error).message}`);
+    }
+  }
+  const owned = OwnedFd.unsafeAdopt(listen.fd, `fd ${listen.fd}`);
+  try {
+    if (!isListeningSocket(owned)) throw new Error("the socket is not listening");
+    return adoptListener(owned);
+  } catch (e) {
+    owned.unsafeRelease();
+    throw new DeviceOpenError("fd", `${listen.fd}: not a usable listening socket: ${(e as Error).message}`);
+  }
+}
