@@ -93,7 +93,7 @@ async function until(what: string, cond: () => boolean, ms = 10_000): Promise<vo
   }
 }
 
-async function scrape(path: string): Promise<string> {
+function scrape(path: string): string {
   const s = connectUnix(path, { nonBlocking: false });
   try {
     const chunks: string[] = [];
@@ -164,7 +164,7 @@ Deno.test("vhost serve: two disks and an rng in one process, each front-end with
       patternBytes(1 << 20, 10).subarray(300 * 512, 300 * 512 + 8192),
       "d1 untouched there",
     );
-    const text = await scrape(env.metrics);
+    const text = scrape(env.metrics);
     assert.equal(text.match(/^# HELP mpq_vhost_requests_total /gm)?.length, 1, "one HELP per family");
     assert.match(text, /mpq_vhost_requests_total\{device="d0",queue="1"\} 1\n/);
     assert.match(text, /mpq_vhost_requests_total\{device="d1",queue="0"\} 2\n/);
