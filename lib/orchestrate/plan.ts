@@ -4,6 +4,7 @@
  * @module
  */
 import type { Drive, QmpStep, Topology } from "./topology.ts";
+import { type DeviceSpec, formatDeviceArg } from "../vhost/device_spec.ts";
 
 /** What the planner needs besides the topology (all plain values, so planning stays pure). */
 export interface PlanContext {
@@ -136,7 +137,8 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
   const resources: Resource[] = [];
   const external: ExternalSocket[] = [];
   const ivshmemServers: PlannedProcess[] = [];
-  const servers: PlannedProcess[] = [];
+  const vhostSpecs: DeviceSpec[] = [];
+  const vhostFds: FdAssignment[] = [];
   const remotes: PlannedProcess[] = [];
   const qemuDevArgs: string[] = [];
   const qemuFds: FdAssignment[] = [
@@ -189,24 +191,28 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
           path = `${dir}/vhost-${d.id}.sock`;
           const res = `vhost-${d.id}`;
           resources.push({ id: res, kind: "listen", path, purpose: `vhost-user socket of ${d.id}` });
-          const argv = [...ctx.self, "vhost"];
+          // All of the VM's mpq-served vhost devices share one `mpq vhost serve` (fds 3, 4, ...).
+          const fd = 3 + vhostFds.length;
+          vhostFds.push({ fd, resource: res });
           if (d.type === "vhost-user-blk") {
             const m = (d.backend as { mpq: { file: string; readOnly: boolean; numQueues?: number } }).mpq;
-            argv.push("blk", "--fd=3", "--blk-file", m.file);
-            if (m.readOnly) argv.push("--read-only");
-            argv.push("--num-queues", String(m.numQueues ?? d.numQueues ?? 1));
+            vhostSpecs.push({
+              type: "blk",
+              id: d.id,
+              listen: { fd },
+              file: m.file,
+              readOnly: m.readOnly,
+              serial: "",
+              blkSize: 512,
+              numQueues: m.numQueues ?? d.numQueues ?? 1,
+              direct: false,
+              writeback: false,
+              engine: "auto",
+              ioThreads: 1,
+            });
           } else {
-            argv.push("rng", "--fd=3");
+            vhostSpecs.push({ type: "rng", id: d.id, listen: { fd } });
           }
-          servers.push({
-            name: `vhost ${d.id}`,
-            role: "vhost",
-            argv,
-            env: {},
-            fds: [{ fd: 3, resource: res }],
-            ready: { kind: "started", reason: "its listening socket is pre-opened: QEMU's connect queues" },
-            ownProcessGroup: true,
-          });
         }
         qemuDevArgs.push("-chardev", `socket,id=chr-${d.id},path=${qemuOptValue(path)}`);
         if (d.type === "vhost-user-blk") {
@@ -254,6 +260,19 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
         break;
       }
     }
+  }
+
+  const servers: PlannedProcess[] = [];
+  if (vhostSpecs.length > 0) {
+    servers.push({
+      name: `vhost ${vhostSpecs.map((s) => s.id).join(",")}`,
+      role: "vhost",
+      argv: [...ctx.self, "vhost", "serve", ...vhostSpecs.flatMap((s) => ["--device", formatDeviceArg(s)])],
+      env: {},
+      fds: vhostFds,
+      ready: { kind: "started", reason: "its listening sockets are pre-opened: QEMU's connects queue" },
+      ownProcessGroup: true,
+    });
   }
 
   const q = [t.qemu, "-name", t.name, "-machine", t.machine, "-accel", t.accel, "-smp", String(t.cpus)];

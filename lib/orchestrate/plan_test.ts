@@ -122,8 +122,7 @@ Deno.test("plan orders ivshmem servers, vhost daemons, remotes, QEMU and numbers
   assert.equal(plan.runtimeDir, "/run/mpq-full-abc");
   assert.deepEqual(plan.processes.map((p) => p.name), [
     "ivshmem ivs0",
-    "vhost vblk0",
-    "vhost rng1",
+    "vhost vblk0,rng1",
     "remote lsi0",
     "remote lsi1",
     "qemu",
@@ -150,22 +149,23 @@ Deno.test("plan orders ivshmem servers, vhost daemons, remotes, QEMU and numbers
     kind: "listening",
     path: "/run/mpq-full-abc/ivshmem-ivs0.sock",
   });
-  assert.deepEqual(byName["vhost vblk0"].argv, [
+  // One `mpq vhost serve` for all the VM's mpq-served vhost devices, each on its pre-opened fd.
+  assert.deepEqual(byName["vhost vblk0,rng1"].argv, [
     "deno",
     "run",
     "-A",
     "main.ts",
     "vhost",
-    "blk",
-    "--fd=3",
-    "--blk-file",
-    "/tmp/b.img",
-    "--read-only",
-    "--num-queues",
-    "2",
+    "serve",
+    "--device",
+    "blk,id=vblk0,fd=3,file=/tmp/b.img,num-queues=2,read-only",
+    "--device",
+    "rng,id=rng1,fd=4",
   ]);
-  assert.deepEqual(byName["vhost vblk0"].fds, [{ fd: 3, resource: "vhost-vblk0" }]);
-  assert.deepEqual(byName["vhost rng1"].argv.slice(4), ["vhost", "rng", "--fd=3"]);
+  assert.deepEqual(byName["vhost vblk0,rng1"].fds, [
+    { fd: 3, resource: "vhost-vblk0" },
+    { fd: 4, resource: "vhost-rng1" },
+  ]);
   assert.deepEqual(byName["remote lsi0"].argv.slice(6), [
     "-device",
     "lsi53c895a,id=lsi0",
