@@ -64,12 +64,15 @@ Deno.test({
 });
 
 Deno.test({
-  name: "orchestrate guest uses a remote lsi53c895a, an mpq vhost blk disk and mpq ivshmem shared memory",
+  name:
+    "orchestrate guest uses a remote lsi53c895a, two mpq vhost blk disks and an rng from one mpq vhost serve, and mpq ivshmem shared memory",
   ignore,
   async fn() {
     using dir = tempDir("mpq-guest-");
     const disk = `${dir.path}/disk.img`;
     Deno.writeFileSync(disk, new Uint8Array(16 * 1024 * 1024));
+    const disk2 = `${dir.path}/disk2.img`;
+    Deno.writeFileSync(disk2, new Uint8Array(8 * 1024 * 1024));
     const initrd = `${dir.path}/initrd`;
     await writeInitrd(
       initrd,
@@ -81,6 +84,9 @@ Deno.test({
         `echo 3 > /proc/sys/vm/drop_caches`,
         `dd if=/dev/vda of=/tmp/back bs=64k count=16 2>/dev/null`,
         `cmp /tmp/data /tmp/back && mark disk-readback same`,
+        // The second disk and the rng are served by the same \`mpq vhost serve\` process.
+        `dd if=/tmp/data of=/dev/vdb bs=64k seek=2 conv=fsync 2>/dev/null && mark disk2-written`,
+        `mark rng $(cat /sys/class/misc/hw_random/rng_current) $(timeout 60 dd if=/dev/hwrng bs=64 count=4 2>/dev/null | wc -c)`,
         // The ivshmem device: write a word into BAR2 (the shared memory), wait for the host's answer.
         `for d in /sys/bus/pci/devices/*; do [ "$(cat $d/vendor):$(cat $d/device)" = 0x1af4:0x1110 ] && IV=$d; done`,
         `echo 1 > $IV/enable`,
@@ -104,12 +110,19 @@ Deno.test({
       devices: [
         { type: "remote", id: "lsi0", device: "lsi53c895a" },
         { type: "vhost-user-blk", id: "vblk0", backend: { mpq: { file: disk } } },
+        { type: "vhost-user-blk", id: "vblk1", backend: { mpq: { file: disk2 } } },
+        { type: "vhost-user-rng", id: "rng0", backend: { mpq: {} } },
         { type: "ivshmem", id: "ivs0", vectors: 1, server: { mpq: { size: "1M" } } },
       ],
     });
     await using run = MpqRun.start(["orchestrate", topo]);
     await run.waitFor(/\] running +4 processes/);
-    assert.deepEqual([...run.pids.keys()].sort(), ["ivshmem ivs0", "qemu", "remote lsi0", "vhost vblk0"]);
+    assert.deepEqual([...run.pids.keys()].sort(), [
+      "ivshmem ivs0",
+      "qemu",
+      "remote lsi0",
+      "vhost vblk0,vblk1,rng0",
+    ]);
 
     const pci = await marker(run, consoleFile, "pci");
     assert.match(pci, /PCI_ID=1000:0012/, "remote lsi53c895a");
@@ -120,6 +133,14 @@ Deno.test({
     assert.equal(await marker(run, consoleFile, "disk-readback"), "same");
     const onHost = Deno.readFileSync(disk).slice(0, 1024 * 1024);
     assert.equal(await sha256(onHost), written, "the host file holds what the guest wrote");
+    await marker(run, consoleFile, "disk2-written");
+    const onHost2 = Deno.readFileSync(disk2).slice(128 * 1024, 128 * 1024 + 1024 * 1024);
+    assert.equal(await sha256(onHost2), written, "the second disk (same serve process) holds it at 128 KiB");
+    assert.match(
+      await marker(run, consoleFile, "rng"),
+      /^virtio_rng\.\d+ 256$/,
+      "the rng of the same process",
+    );
 
     await marker(run, consoleFile, "iv-written");
     // The host side of the shared memory, through another peer of the same mpq ivshmem server.
