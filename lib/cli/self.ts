@@ -7,7 +7,14 @@
  * The argv prefix that starts this same mpq: the single-file launcher sets MPQ_SELF; a
  * `deno compile` binary is its own executable; from source it is `deno run -A main.ts`.
  * @example
- * const [exe, ...pre] = selfCommand(); spawn(exe, [exe, ...pre, "ivshmem", "-F"]);
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { spawn } from "../../ffi/mod.ts";
+ *
+ * const [exe, ...pre] = selfCommand(); // from source: [deno, "run", "-A", "--quiet", ".../main.ts"]
+ * const child = spawn(exe, [exe, ...pre, "--version"], { stdio: "null" });
+ * assert.equal((await child.wait()).code, 0);
+ * ```
  */
 export function selfCommand(): string[] {
   const launcher = Deno.env.get("MPQ_SELF");

@@ -75,7 +75,25 @@ export interface ServerArgs {
 /**
  * Parses server flags; throws UsageError naming the flag. Returns null for --help.
  * @example
- * parseServerArgs(["-F", "-S", "/tmp/iv", "-l", "1M", "-n", "2"]);
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.deepEqual(parseServerArgs(["-F", "-S", "/tmp/iv", "-l", "1M", "-n", "2"]), {
+ *   verbose: false,
+ *   foreground: true,
+ *   pidfile: "/var/run/ivshmem-server.pid",
+ *   socketPath: "/tmp/iv",
+ *   shm: { name: "ivshmem" },
+ *   size: 1048576,
+ *   vectors: 2,
+ *   mode: 0o600,
+ * });
+ * assert.throws(() => parseServerArgs(["-n", "65"]), {
+ *   name: "UsageError",
+ *   message: "-n/--vectors must be 1..64: got 65",
+ * });
+ * assert.equal(parseServerArgs(["--help"]), null);
+ * ```
  */
 export function parseServerArgs(args: string[]): ServerArgs | null {
   let parsed;

@@ -53,10 +53,34 @@ interface Waiter {
 
 /**
  * @example
- * const client = await IvshmemClient.connect(reactor, "/tmp/ivshmem_socket");
- * client.notify(0, 0);
- * await client.next((e) => e.event === "notification");
- * client.close();
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { Reactor } from "../../ffi/mod.ts";
+ * import { IvshmemServer } from "./server.ts";
+ *
+ * const dir = Deno.makeTempDirSync();
+ * const reactor = new Reactor();
+ * const running = reactor.run();
+ * const server = IvshmemServer.open(reactor, {
+ *   socketPath: `${dir}/ivshmem.sock`,
+ *   shm: { dir: "/dev/shm" },
+ *   size: 4096,
+ *   vectors: 1,
+ * });
+ * const a = await IvshmemClient.connect(reactor, server.socketPath); // resolves once joined
+ * const b = await IvshmemClient.connect(reactor, server.socketPath);
+ * await a.next((e) => e.event === "peer-joined"); // a has b's eventfds now
+ * a.notify(b.id, 0);
+ * const rung = await b.next((e) => e.event === "notification");
+ * assert.deepEqual(rung, { event: "notification", vector: 0, count: 1 });
+ * a.close();
+ * b.close();
+ * server.close();
+ * reactor.stop();
+ * await running;
+ * reactor.close();
+ * Deno.removeSync(dir);
+ * ```
  */
 export class IvshmemClient {
   readonly #reactor: Reactor;

@@ -107,7 +107,15 @@ function split(value: string, flag: string): [string, string] {
 /**
  * Parses client flags; throws UsageError naming the flag; null for --help.
  * @example
- * parseClientArgs(["--json", "--wait", "1", "--notify", "0:0"]);
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const args = parseClientArgs(["--json", "--wait", "1", "--notify", "0:all", "--write", "0:cafe"]);
+ * assert.equal(args?.socketPath, "/tmp/ivshmem_socket");
+ * assert.deepEqual(args?.notifies, [{ peer: 0, vector: "all" }]);
+ * assert.deepEqual(args?.writes, [{ offset: 0, data: new Uint8Array([0xca, 0xfe]) }]);
+ * assert.equal(args?.wait, 1);
+ * ```
  */
 export function parseClientArgs(args: string[]): ClientArgs | null {
   let parsed;

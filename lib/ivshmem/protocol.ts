@@ -34,7 +34,12 @@ export class ProtocolError extends Error {
 /**
  * Encodes one message value as 8 little-endian bytes into `out` (or a new buffer).
  * @example
- * encodeMessage(-1); // Uint8Array [255, 255, 255, 255, 255, 255, 255, 255]
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.deepEqual(encodeMessage(-1), new Uint8Array(8).fill(255));
+ * assert.deepEqual(encodeMessage(258), new Uint8Array([2, 1, 0, 0, 0, 0, 0, 0]));
+ * ```
  */
 export function encodeMessage(
   value: number | bigint,
@@ -52,7 +57,12 @@ export function encodeMessage(
 /**
  * Decodes the 8-byte little-endian message at the start of `bytes`.
  * @example
- * decodeMessage(encodeMessage(7)); // 7n
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(decodeMessage(encodeMessage(7)), 7n);
+ * assert.throws(() => decodeMessage(new Uint8Array(4)), ProtocolError);
+ * ```
  */
 export function decodeMessage(bytes: Uint8Array): bigint {
   if (bytes.byteLength < MESSAGE_SIZE) {
@@ -71,9 +81,15 @@ export function isPeerId(v: number | bigint): boolean {
  * Hands out peer ids: the first is 0, then ids grow monotonically and are reused only after the
  * 16-bit space wraps (QEMU's device mishandles an id that comes back quickly); ids in use are skipped.
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
  * const ids = new PeerIdAllocator();
- * ids.allocate(); // 0
- * ids.allocate(); // 1
+ * assert.equal(ids.allocate(), 0);
+ * assert.equal(ids.allocate(), 1);
+ * ids.release(0);
+ * assert.equal(ids.allocate(), 2); // 0 comes back only after the 16-bit space wraps
+ * ```
  */
 export class PeerIdAllocator {
   #next = 0;
@@ -120,8 +136,19 @@ export interface PlannedMessage {
  * told of the new peer's eventfds; the new peer told of every existing peer's; then its own.
  * This is contrib ivshmem-server's order, which QEMU's device expects.
  * @example
- * joinPlan(1, [0], 1).map((m) => [m.to, m.value]);
- * // [[1, 0], [1, 1], [1, -1], [0, 1], [1, 0], [1, 1]]
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * // Peer 1 joins peer 0, one vector each: version, id, shm to 1; 1's vector to 0; 0's, then its own, to 1.
+ * assert.deepEqual(joinPlan(1, [0], 1).map((m) => [m.to, m.value]), [
+ *   [1, 0],
+ *   [1, 1],
+ *   [1, -1],
+ *   [0, 1],
+ *   [1, 0],
+ *   [1, 1],
+ * ]);
+ * ```
  */
 export function joinPlan(newId: number, existing: readonly number[], vectors: number): PlannedMessage[] {
   const plan: PlannedMessage[] = [
@@ -148,7 +175,11 @@ export function joinPlan(newId: number, existing: readonly number[], vectors: nu
 /**
  * The messages of a leave: every remaining peer gets the id alone (no fd).
  * @example
- * leavePlan(3, [0, 1]); // [{ to: 0, value: 3 }, { to: 1, value: 3 }]
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.deepEqual(leavePlan(3, [0, 1]), [{ to: 0, value: 3 }, { to: 1, value: 3 }]);
+ * ```
  */
 export function leavePlan(leftId: number, remaining: readonly number[]): PlannedMessage[] {
   return remaining.map((to) => ({ to, value: leftId }));
@@ -178,9 +209,16 @@ type Phase = "version" | "id" | "shm" | "initial" | "running";
  * vectors (or, for the first peer, when the run ends at a flush). After that a new peer is
  * announced as soon as all of its vectors arrived. Servers with 0 vectors are not supported.
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
  * const d = new ClientDecoder();
- * d.push(0n, false); d.push(3n, false); d.push(-1n, true); d.push(3n, true);
- * d.flush(); // [{ type: "joined", id: 3, vectors: 1, peers: [] }]
+ * d.push(0n, false); // version
+ * d.push(3n, false); // our id
+ * d.push(-1n, true); // the shared memory fd
+ * d.push(3n, true); // our one vector
+ * assert.deepEqual(d.flush(), [{ type: "joined", id: 3, vectors: 1, peers: [] }]);
+ * ```
  */
 export class ClientDecoder {
   #phase: Phase = "version";
@@ -313,7 +351,12 @@ const SIZE_UNITS: Record<string, number> = { "": 1, B: 1, K: 2 ** 10, M: 2 ** 20
  * Parses a size like contrib ivshmem-server's `-l`: bytes, or a number with a K, M, G or T suffix
  * (powers of 1024, case-insensitive; "1.5G" allowed when it comes out a whole number of bytes).
  * @example
- * parseSize("4M"); // 4194304
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(parseSize("4M"), 4194304);
+ * assert.equal(parseSize("1.5k"), 1536);
+ * ```
  */
 export function parseSize(text: string): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)\s*$/i.exec(text);
@@ -327,7 +370,11 @@ export function parseSize(text: string): number {
 /**
  * The smallest power of two >= `n` (QEMU's device needs a power-of-two BAR).
  * @example
- * roundUpPowerOfTwo(3 * 2 ** 30); // 4294967296
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(roundUpPowerOfTwo(3 * 2 ** 30), 4294967296);
+ * ```
  */
 export function roundUpPowerOfTwo(n: number): number {
   if (!Number.isSafeInteger(n) || n <= 0) throw new RangeError(`size must be a positive integer: got ${n}`);
@@ -339,7 +386,13 @@ export function roundUpPowerOfTwo(n: number): number {
 /**
  * Parses a vector count like `-n` (decimal, or 0x hex as C's base-0 parse), 1..64.
  * @example
- * parseVectors("4"); // 4
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(parseVectors("4"), 4);
+ * assert.equal(parseVectors("0x10"), 16);
+ * assert.throws(() => parseVectors("65"), { message: "must be 1..64: got 65" });
+ * ```
  */
 export function parseVectors(text: string): number {
   const t = text.trim();

@@ -260,7 +260,17 @@ function openShmObject(name: string, requested: number): SharedMemory {
  * directory gets a new file, unlinked at once and sized (doubling on a hugetlbfs that refuses, up
  * to 1 GiB, as contrib ivshmem-server does).
  * @example
- * const { fd, size, created } = openSharedMemory({ name: "ivshmem" }, 3 << 20); // size 4 MiB
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { shmUnlink } from "../../ffi/mod.ts";
+ *
+ * const name = `ivshmem-example-${Deno.pid}`;
+ * const { fd, size, created } = openSharedMemory({ name }, 3 << 20);
+ * assert.equal(size, 4 << 20); // rounded up to a power of two
+ * assert.equal(created, true); // it did not exist: this server removes it on exit
+ * fd.close();
+ * shmUnlink(name);
+ * ```
  */
 export function openSharedMemory(source: ShmSource, requested: number): SharedMemory {
   if ("name" in source) return openShmObject(source.name, requested);
@@ -277,10 +287,33 @@ export function openSharedMemory(source: ShmSource, requested: number): SharedMe
 
 /**
  * @example
- * const reactor = new Reactor({ onError: (e) => server.handleError(e) });
- * const server = IvshmemServer.open(reactor, { socketPath: "/tmp/iv", shm: { name: "iv" }, size: 4 << 20, vectors: 1 });
- * reactor.onSignal("SIGTERM", () => { server.close(); reactor.stop(); });
- * await reactor.run();
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { Reactor } from "../../ffi/mod.ts";
+ * import { IvshmemClient } from "./client.ts";
+ *
+ * const dir = Deno.makeTempDirSync();
+ * const reactor = new Reactor({ onError: (e) => server.handleError(e) }); // a failing peer is dropped
+ * const server = IvshmemServer.open(reactor, {
+ *   socketPath: `${dir}/ivshmem.sock`,
+ *   shm: { dir: "/dev/shm" }, // or { name: "ivshmem" }, like -M
+ *   size: 1 << 20,
+ *   vectors: 2,
+ * });
+ * const shutdown = () => {
+ *   server.close(); // peers see end of file; the socket is unlinked
+ *   reactor.stop();
+ * };
+ * reactor.onSignal("SIGTERM", shutdown);
+ * const running = reactor.run();
+ * const peer = await IvshmemClient.connect(reactor, server.socketPath);
+ * assert.deepEqual(server.peerIds(), [peer.id]);
+ * peer.close();
+ * shutdown();
+ * await running;
+ * reactor.close();
+ * Deno.removeSync(dir);
+ * ```
  */
 export class IvshmemServer {
   /** The shared memory size after rounding. */
