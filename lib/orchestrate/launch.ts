@@ -115,9 +115,28 @@ function summary(result: unknown): string {
 /**
  * One VM: its sockets, children and QMP connection.
  * @example
- * const vm = new Vm(plan, reactor, { log: console.log });
- * await vm.start();
- * await vm.stop();
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { Reactor } from "../../ffi/mod.ts";
+ * import { planTopology } from "./plan.ts";
+ * import { validateTopology } from "./topology.ts";
+ *
+ * const runtimeDir = Deno.makeTempDirSync({ prefix: "mpq-" }); // stop() removes it
+ * const topology = validateTopology({ memory: "16M", console: "none" }); // qemu-system-x86_64, no guest OS
+ * const plan = planTopology(topology, { runtimeDir, self: ["mpq"] });
+ * const reactor = new Reactor();
+ * const running = reactor.run();
+ * const vm = new Vm(plan, reactor); // { log: console.log } for status lines
+ * try {
+ *   await vm.start(); // children started in order, each ready; the QMP managed start run
+ *   assert.deepEqual(vm.children.map((c) => c.planned.name), ["qemu"]);
+ * } finally {
+ *   await vm.stop(); // also after a failed start: every child reaped, every socket closed
+ * }
+ * reactor.stop();
+ * await running;
+ * reactor.close();
+ * ```
  */
 export class Vm {
   readonly plan: Plan;

@@ -35,8 +35,15 @@ export interface ParentDeathOptions {
  * The argv that runs `argv` (argv[0] an absolute path) so that it gets SIGKILL when the process
  * `options.parentPid` (which must be the one that spawns it) dies.
  * @example
- * const wrapped = withParentDeathSignal(["/usr/bin/qemu-system-x86_64", "-S"], { parentPid: getpid() });
- * spawn(wrapped[0], wrapped);
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { getpid, spawn } from "../../ffi/mod.ts";
+ *
+ * const wrapped = withParentDeathSignal(["/bin/true"], { parentPid: getpid() }); // ["/usr/bin/setpriv", ...]
+ * assert.equal((await spawn(wrapped[0], wrapped).wait()).code, 0); // killed (SIGKILL) if we die first
+ * const late = withParentDeathSignal(["/bin/true"], { parentPid: 1 }); // as if its parent were already gone
+ * assert.equal((await spawn(late[0], late, { stdio: "null" }).wait()).code, PARENT_GONE_EXIT); // never ran
+ * ```
  */
 export function withParentDeathSignal(argv: readonly string[], options: ParentDeathOptions): string[] {
   const exe = argv[0] ?? "";

@@ -129,8 +129,14 @@ function qmpCommands(steps: QmpStep[], label: string): PlannedQmpCommand[] {
 /**
  * Turns a topology into a launch plan. Pure: same input, same plan.
  * @example
- * const plan = planTopology(validateTopology(json), { runtimeDir: "/tmp/mpq-x", self: ["mpq"] });
- * plan.processes.map((p) => p.name); // ["remote lsi0", "qemu"]
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { validateTopology } from "./topology.ts";
+ *
+ * const topology = validateTopology({ devices: [{ type: "remote", id: "lsi0", device: "lsi53c895a" }] });
+ * const plan = planTopology(topology, { runtimeDir: "/tmp/mpq-x", self: ["mpq"] });
+ * assert.deepEqual(plan.processes.map((p) => p.name), ["remote lsi0", "qemu"]); // start order
+ * ```
  */
 export function planTopology(t: Topology, ctx: PlanContext): Plan {
   const dir = ctx.runtimeDir.replace(/\/+$/, "");
@@ -339,7 +345,11 @@ export function shellQuote(word: string): string {
 /**
  * A command line as shell text, one option (and its value) per line with backslash continuations.
  * @example
- * formatCommand(["qemu", "-m", "512M", "-S"], ""); // ["qemu \\", "  -m 512M \\", "  -S"]
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.deepEqual(formatCommand(["qemu", "-m", "512M", "-S"], ""), ["qemu \\", "  -m 512M \\", "  -S"]);
+ * ```
  */
 export function formatCommand(argv: readonly string[], indent: string): string[] {
   const groups: string[][] = [];

@@ -77,11 +77,27 @@ const encoder = new TextEncoder();
 
 /**
  * @example
- * const qmp = QmpClient.connect("/tmp/mpq-x/qmp.sock", reactor);
- * await qmp.greeting;
- * await qmp.execute("qmp_capabilities");
- * const status = await qmp.execute("query-status"); // { status: "running", running: true, ... }
- * qmp.close();
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { Reactor, socketPair } from "../../ffi/mod.ts";
+ *
+ * const reactor = new Reactor();
+ * const running = reactor.run();
+ * // QmpClient.connect(path, reactor) for QEMU's monitor socket; here QEMU's end is scripted:
+ * const [ours, monitor] = socketPair();
+ * const qmp = QmpClient.fromSocket(ours, reactor);
+ * const qemu = (line: unknown) => monitor.sendMsg(new TextEncoder().encode(JSON.stringify(line) + "\n"));
+ * qemu({ QMP: { version: { qemu: { major: 7, minor: 2, micro: 0 }, package: "" }, capabilities: [] } });
+ * assert.equal((await qmp.greeting).version.qemu.minor, 2);
+ * const status = qmp.execute("query-status"); // sends {"execute": "query-status", "id": 1}
+ * qemu({ return: { status: "running", running: true }, id: 1 });
+ * assert.deepEqual(await status, { status: "running", running: true });
+ * qmp.close(); // closes its socket; pending commands reject with QmpClosedError
+ * monitor.close();
+ * reactor.stop();
+ * await running;
+ * reactor.close();
+ * ```
  */
 export class QmpClient {
   /** Resolves with QEMU's greeting; rejects if the connection ends first. */
@@ -401,7 +417,12 @@ function describe(v: unknown, line: string): string {
 /**
  * Whether `actual` matches every key of `expected` (deeply; extra keys in `actual` are fine).
  * @example
- * matchesExpectation({ status: "running", running: true }, { status: "running" }); // true
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(matchesExpectation({ status: "running", running: true }, { status: "running" }), true);
+ * assert.equal(matchesExpectation({ status: "paused", running: false }, { status: "running" }), false);
+ * ```
  */
 export function matchesExpectation(actual: unknown, expected: unknown): boolean {
   if (expected === null || typeof expected !== "object") return Object.is(actual, expected);

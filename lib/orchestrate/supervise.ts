@@ -50,7 +50,28 @@ type End =
  * Starts the VM of `plan` and supervises it. Exit code: 0 after SIGINT/SIGTERM, a guest shutdown
  * (QEMU exit 0) or a successful `whileRunning`; 1 when starting failed or a child exited unexpectedly.
  * @example
- * const code = await runPlan(plan, { log: console.log, error: console.error });
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { planTopology } from "./plan.ts";
+ * import { matchesExpectation } from "./qmp.ts";
+ * import { validateTopology } from "./topology.ts";
+ *
+ * const runtimeDir = Deno.makeTempDirSync({ prefix: "mpq-" }); // removed once every process has exited
+ * const topology = validateTopology({ memory: "16M", console: "none" }); // qemu-system-x86_64, no guest OS
+ * const plan = planTopology(topology, { runtimeDir, self: ["mpq"] });
+ * const lines: string[] = [];
+ * let status: unknown;
+ * const code = await runPlan(plan, {
+ *   log: (line) => lines.push(line), // `mpq orchestrate`: console.log and console.error
+ *   error: (line) => lines.push(line),
+ *   whileRunning: async (vm) => { // without it: runs until SIGINT/SIGTERM or a child exits
+ *     status = await vm.qmp!.execute("query-status");
+ *   },
+ * });
+ * assert.equal(code, 0);
+ * assert.ok(matchesExpectation(status, { status: "running", running: true }));
+ * assert.match(lines.at(-1)!, /every process of the VM has exited; exit 0$/);
+ * ```
  */
 export async function runPlan(plan: Plan, options: RunOptions): Promise<number> {
   const reactor = new Reactor();

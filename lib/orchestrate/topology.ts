@@ -196,7 +196,15 @@ const SIZE_UNITS: Record<string, number> = { "": 1, K: 1024, M: 1024 ** 2, G: 10
 /**
  * Parses a byte size: an integer (bytes) or a string with an optional K/M/G/T suffix (powers of 1024).
  * @example
- * parseSize("512M"); // 536870912
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(parseSize("512M", "memory"), 536870912);
+ * assert.throws(() => parseSize("lots", "memory"), {
+ *   name: "TopologyError",
+ *   message: 'memory: expected a size such as "512M" or a byte count, got "lots"',
+ * });
+ * ```
  */
 export function parseSize(v: unknown, path: string): number {
   if (typeof v === "number" && Number.isSafeInteger(v) && v > 0) return v;
@@ -386,7 +394,15 @@ const TOP_FIELDS = [
 /**
  * Validates parsed JSON as a topology and fills in defaults. Throws TopologyError naming the field.
  * @example
- * const t = validateTopology({ memory: "512M", devices: [{ type: "remote", id: "lsi0", device: "lsi53c895a" }] });
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const devices = [{ type: "remote", id: "lsi0", device: "lsi53c895a" }];
+ * const t = validateTopology({ memory: "512M", devices });
+ * assert.equal(t.memory, 512 * 2 ** 20);
+ * assert.equal(t.qemu, "qemu-system-x86_64"); // defaults filled in
+ * assert.throws(() => validateTopology({ cpus: 0 }), { message: "cpus: expected an integer 1..255, got 0" });
+ * ```
  */
 export function validateTopology(input: unknown): Topology {
   const o = obj(input, "", TOP_FIELDS);
