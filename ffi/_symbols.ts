@@ -95,7 +95,7 @@ export const SYMBOLS = {
   epoll_create1: { parameters: ["i32"], result: "i32" },
   // int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event);
   epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
-  // int epoll_wait(int epfd, struct epoll_event *events, int maxevents, int timeout);  (timeout 0 only)
+  // int epoll_wait(int epfd, struct epoll_event *events, int maxevents, int timeout);  (blocks this thread)
   epoll_wait: { parameters: ["i32", "buffer", "i32", "i32"], result: "i32" },
   // the same, run on a worker thread so the event loop keeps turning (errno is lost there)
   epoll_wait_nb: {

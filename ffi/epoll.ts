@@ -6,7 +6,7 @@
  */
 import { libc } from "./_libc.ts";
 import { EPOLL_EVENT } from "./_layout.ts";
-import { check, ErrnoError, lastErrno } from "./errno.ts";
+import { check, Errno, ErrnoError, lastErrno } from "./errno.ts";
 import { EventFd } from "./eventfd.ts";
 import { OwnedFd } from "./fd.ts";
 import { IoUring, probeIoUring } from "./io_uring.ts";
@@ -74,11 +74,20 @@ export interface ReactorOptions {
   onError?: (error: unknown) => void;
   /**
    * How to sleep when nothing is ready: "socket" (io_uring-linked wake-up through a socket the
-   * runtime watches), "thread" (a nonblocking epoll_wait on a worker thread), or "auto" (default:
-   * socket where io_uring works; MPQ_REACTOR_WAKE=thread forces the thread).
+   * runtime watches), "thread" (a nonblocking epoll_wait on a worker thread), "auto" (default:
+   * socket where io_uring works; MPQ_REACTOR_WAKE=thread forces the thread), or "block": this
+   * thread sleeps in a synchronous epoll_wait, so an fd event runs its callback with no event-loop
+   * hop in between (what a C daemon's thread does; for a thread that serves nothing but its fds),
+   * yielding to timers, signals and promises at least every BLOCK_SLICE_MS.
    */
-  wake?: "auto" | "socket" | "thread";
+  wake?: "auto" | "socket" | "thread" | "block";
 }
+
+/**
+ * "block" mode: longest synchronous epoll_wait (ms); then timers, signals, messages and promise
+ * continuations get their turn. Also the latency of a timer or a signal in that mode.
+ */
+export const BLOCK_SLICE_MS = 20;
 
 /**
  * How the reactor sleeps when no fd is ready. A nonblocking FFI epoll_wait costs a worker-thread
@@ -195,7 +204,7 @@ export class Reactor {
   readonly #onError?: (error: unknown) => void;
   readonly #pollers = new Set<() => boolean>();
   #waker: SocketWaker | null | undefined;
-  readonly #wakeMode: "auto" | "socket" | "thread";
+  readonly #wakeMode: "auto" | "socket" | "thread" | "block";
   #nextToken = 1;
   #stopping = false;
   #running = false;
@@ -332,6 +341,7 @@ export class Reactor {
    */
   async run(): Promise<void> {
     if (this.#running) throw new Error("Reactor.run() is already running");
+    if (this.#wakeMode === "block") return this.#runBlocking();
     this.#running = true;
     // Up to SYNC_TURNS cheap synchronous looks in a row (under load events are usually waiting
     // already), then one nonblocking wait, which also lets timers, signals and promises run.
@@ -367,7 +377,7 @@ export class Reactor {
           turns = 0;
           continue;
         }
-        this.#waker ??= makeWaker(this.#ep, this.#wakeMode);
+        this.#waker ??= makeWaker(this.#ep, this.#wakeMode as "auto" | "socket" | "thread");
         if (this.#waker) {
           // Sleep on the runtime's own event loop until epoll has events (at once if it has some:
           // after SYNC_TURNS busy turns this is also the yield that lets timers and signals run),
@@ -395,6 +405,53 @@ export class Reactor {
       this.#failure = undefined;
       throw f;
     }
+  }
+
+  /**
+   * The "block" loop: callbacks run straight from a synchronous epoll_wait. Before the thread
+   * sleeps (up to BLOCK_SLICE_MS) it makes one event-loop hop, so promise continuations, timers,
+   * signals and messages run first; while busy, it makes one hop a millisecond. The hop is never on
+   * the path from an fd event to its callback.
+   */
+  async #runBlocking(): Promise<void> {
+    this.#running = true;
+    let lastHop = performance.now();
+    const hop = () => new Promise((r) => setImmediate(r));
+    try {
+      while (!this.#stopping) {
+        let busy = this.#pollers.size > 0 && this.#runPollers();
+        let n = this.#waitSync(0);
+        if (n === 0 && !busy) {
+          await hop();
+          lastHop = performance.now();
+          if (this.#stopping) break;
+          busy = this.#pollers.size > 0 && this.#runPollers();
+          n = this.#waitSync(busy ? 0 : BLOCK_SLICE_MS);
+        }
+        if (n > 0) this.#dispatch(n);
+        if (performance.now() - lastHop >= 1) {
+          await hop();
+          lastHop = performance.now();
+        }
+      }
+    } finally {
+      this.#running = false;
+      for (const [sig, cb] of this.#signals.splice(0)) Deno.removeSignalListener(sig, cb);
+    }
+    if (this.#failure !== undefined) {
+      const f = this.#failure;
+      this.#failure = undefined;
+      throw f;
+    }
+  }
+
+  /** A synchronous epoll_wait (blocks this thread up to `timeoutMs`); EINTR counts as no event. */
+  #waitSync(timeoutMs: number): number {
+    const n = libc.epoll_wait(this.#ep.unsafeFd, this.#events, this.#max, timeoutMs);
+    if (n >= 0) return n;
+    const e = lastErrno();
+    if (e !== Errno.EINTR) throw new ErrnoError("epoll_wait", e);
+    return 0;
   }
 
   /** Whether stop() was called. */

@@ -151,7 +151,7 @@ Deno.test("Reactor run twice at once and close while running are refused", async
   await running;
 });
 
-for (const wake of ["socket", "thread"] as const) {
+for (const wake of ["socket", "thread", "block"] as const) {
   Deno.test(`Reactor (${wake} wake-up) sleeps until an fd is ready, many times, and stops with nothing pending`, async () => {
     using reactor = new Reactor({ wake });
     const [a, b] = socketPair();
@@ -172,36 +172,76 @@ for (const wake of ["socket", "thread"] as const) {
   });
 }
 
-Deno.test("Reactor busy-polling: pollers run back to back, fd events and timers still get through", async () => {
-  using reactor = new Reactor();
-  const ev = new EventFd({ label: "poll test" });
+for (const wake of ["auto", "block"] as const) {
+  Deno.test(`Reactor (${wake}) busy-polling: pollers run back to back, fd events and timers still get through`, async () => {
+    using reactor = new Reactor({ wake });
+    const ev = new EventFd({ label: "poll test" });
+    try {
+      let polls = 0;
+      let events = 0;
+      let timerFired = false;
+      // A poller that always reports work keeps the reactor awake for the whole test.
+      const remove = reactor.addPoller(() => {
+        polls++;
+        return true;
+      });
+      reactor.add(ev.fd, { readable: true }, () => {
+        ev.drain();
+        events++;
+      });
+      setTimeout(() => {
+        timerFired = true;
+        ev.signal();
+      }, 20);
+      setTimeout(() => reactor.stop(), 60);
+      const t0 = performance.now();
+      await reactor.run();
+      const ms = performance.now() - t0;
+      remove();
+      assert.equal(timerFired, true, "timers run while busy");
+      assert.equal(events, 1, "an fd event is seen while busy");
+      assert.ok(ms < 1000, `stop() was seen promptly (${ms.toFixed(0)} ms)`);
+      assert.ok(polls > 1000, `the poller ran back to back (${polls} times in ${ms.toFixed(0)} ms)`);
+    } finally {
+      ev.close();
+    }
+  });
+}
+
+Deno.test("Reactor (block wake-up) runs a callback's promise chain, timers and signals", async () => {
+  using reactor = new Reactor({ wake: "block" });
+  const [a, b] = socketPair();
   try {
-    let polls = 0;
-    let events = 0;
-    let timerFired = false;
-    // A poller that always reports work keeps the reactor awake for the whole test.
-    const remove = reactor.addPoller(() => {
-      polls++;
-      return true;
+    const steps: string[] = [];
+    reactor.add(b.fd, { readable: true }, () => {
+      while (b.recvMsg(new Uint8Array(64))) { /* drain */ }
+      // A reply several promise steps away (as a drained ring stop's reply is): it must not wait
+      // for the next fd event or for the end of a sleep slice.
+      Promise.resolve().then(() => 1).then((x) => x + 1).then((x) => x + 1).then((x) => {
+        steps.push(`chain ${x} at ${Math.round(performance.now() - sent)} ms`);
+        b.sendMsg(new Uint8Array([2]));
+      });
     });
-    reactor.add(ev.fd, { readable: true }, () => {
-      ev.drain();
-      events++;
+    let sent = 0;
+    let replies = 0;
+    reactor.add(a.fd, { readable: true }, () => {
+      while (a.recvMsg(new Uint8Array(64))) replies++;
+      reactor.stop();
     });
-    setTimeout(() => {
-      timerFired = true;
-      ev.signal();
-    }, 20);
-    setTimeout(() => reactor.stop(), 60);
-    const t0 = performance.now();
+    // A signal (delivered between slices) sends the byte that starts the chain.
+    let signalled = false;
+    reactor.onSignal("SIGUSR2", () => {
+      signalled = true;
+      sent = performance.now();
+      a.sendMsg(new Uint8Array([1]));
+    });
+    setTimeout(() => Deno.kill(Deno.pid, "SIGUSR2"), 5);
     await reactor.run();
-    const ms = performance.now() - t0;
-    remove();
-    assert.equal(timerFired, true, "timers run while busy");
-    assert.equal(events, 1, "an fd event is seen while busy");
-    assert.ok(ms < 1000, `stop() was seen promptly (${ms.toFixed(0)} ms)`);
-    assert.ok(polls > 1000, `the poller ran back to back (${polls} times in ${ms.toFixed(0)} ms)`);
+    assert.equal(signalled, true);
+    assert.equal(replies, 1);
+    assert.equal(steps.length, 1, "the promise chain ran to its end and its reply was seen");
   } finally {
-    ev.close();
+    a.close();
+    b.close();
   }
 });

@@ -12,6 +12,7 @@ import { DeviceOpenError, openDevice, type OpenedDevice } from "./device_factory
 import { type DeviceSpec, type Listen, MAX_QUEUES } from "./device_spec.ts";
 import { type EngineChoice, parseEngineChoice } from "./devices/blk_engine.ts";
 import { ctlMain, serveMain } from "./serve_cli.ts";
+import { reactorWake } from "./wake.ts";
 
 const COMMON = `  --socket-path=PATH      listen on this UNIX socket path
   --fd=N                  serve an inherited listening socket (exclusive with --socket-path)
@@ -203,6 +204,7 @@ export async function main(args: string[]): Promise<number> {
       pollUs,
       signals: true,
       trace: Deno.env.get("MPQ_VHOST_TRACE") === "1",
+      wake: reactorWake(),
     });
   } catch (e) {
     l.close();

@@ -4,7 +4,13 @@
  * optional busy-polling of the avail rings.
  * @module
  */
-import { Reactor, type UnixListener, type UnixSocket, type Watch } from "../../ffi/mod.ts";
+import {
+  Reactor,
+  type ReactorOptions,
+  type UnixListener,
+  type UnixSocket,
+  type Watch,
+} from "../../ffi/mod.ts";
 import type { VhostUserDevice } from "./backend.ts";
 import { VhostUserConnection } from "./connection.ts";
 import { VhostUserHandler } from "./handler.ts";
@@ -36,6 +42,8 @@ export interface DaemonOptions {
   reactor?: Reactor;
   /** The `device` label of its metrics (default the device type). */
   label?: string;
+  /** How its own reactor sleeps (default "auto"; the CLI uses "block": see ReactorOptions.wake). */
+  wake?: ReactorOptions["wake"];
 }
 
 /**
@@ -69,7 +77,10 @@ export class VhostUserDaemon {
     this.#log = options.log ?? ((l) => console.error(l));
     this.#ownReactor = options.reactor === undefined;
     this.reactor = options.reactor ??
-      new Reactor({ onError: (e) => this.#log(`mpq vhost: ${(e as Error).message ?? e}`) });
+      new Reactor({
+        onError: (e) => this.#log(`mpq vhost: ${(e as Error).message ?? e}`),
+        wake: options.wake,
+      });
     this.metrics = new Metrics(options.label ?? device.type, device.numQueues);
     if (options.metricsPath) {
       this.#metricsServer = new MetricsServer(options.metricsPath, {

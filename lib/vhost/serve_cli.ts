@@ -15,6 +15,7 @@ import {
   SpecError,
 } from "./device_spec.ts";
 import { VhostServer } from "./server.ts";
+import { reactorWake } from "./wake.ts";
 
 /** Usage of `mpq vhost serve`. */
 export const SERVE_USAGE = `Usage: mpq vhost serve [--device SPEC]... [--config FILE] [options]
@@ -181,6 +182,7 @@ export async function serveMain(args: string[]): Promise<number> {
       signals: true,
       trace: Deno.env.get("MPQ_VHOST_TRACE") === "1",
       defaultQueues: queues,
+      wake: reactorWake(),
     });
   } catch (e) {
     throw new InputError((e as Error).message);

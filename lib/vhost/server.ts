@@ -6,7 +6,7 @@
  * socket (qemu-storage-daemon's block-export-add/del are the model).
  * @module
  */
-import { Reactor } from "../../ffi/mod.ts";
+import { Reactor, type ReactorOptions } from "../../ffi/mod.ts";
 import { type ControlCommand, ControlServer } from "./control.ts";
 import { VhostUserDaemon } from "./daemon.ts";
 import { openDevice, type OpenedDevice } from "./device_factory.ts";
@@ -35,6 +35,8 @@ export interface ServerOptions {
   signals?: boolean;
   /** Queues of a blk device added without num-queues (default 1). */
   defaultQueues?: number;
+  /** How the reactor sleeps (default "auto"; the CLI uses "block": see ReactorOptions.wake). */
+  wake?: ReactorOptions["wake"];
 }
 
 /** What `list` says of a device. */
@@ -77,7 +79,10 @@ export class VhostServer {
   constructor(options: ServerOptions = {}) {
     this.#opts = options;
     this.#log = options.log ?? ((l) => console.error(l));
-    this.reactor = new Reactor({ onError: (e) => this.#log(`mpq vhost: ${(e as Error).message ?? e}`) });
+    this.reactor = new Reactor({
+      onError: (e) => this.#log(`mpq vhost: ${(e as Error).message ?? e}`),
+      wake: options.wake,
+    });
     try {
       if (options.metricsPath) {
         this.#metrics = new MetricsServer(options.metricsPath, {

@@ -404,8 +404,16 @@ Deno.test("vhost blk writethrough: GET_VRING_BASE answers only after every write
       while (performance.now() < spin) { /* let the kernel get that far */ }
       assert.equal(q.ring.publishedIdx, 32);
       const bases = await fe.stop();
-      assert.equal(bases[0], 32, `round ${round}: every request was taken`);
-      assert.equal(q.ring.usedIdx(), 32, `round ${round}: GET_VRING_BASE came after every write completed`);
+      // The daemon may not have taken every request before SET_VRING_ENABLE 0 (the kick and the
+      // message race); what it took must be complete when GET_VRING_BASE answers.
+      assert.ok(bases[0] <= 32, `round ${round}: base ${bases[0]}`);
+      assert.equal(
+        q.ring.usedIdx(),
+        bases[0],
+        `round ${round}: GET_VRING_BASE came after every write it took completed`,
+      );
+      // The rest is served after the next start, as QEMU's vm stop / cont would.
+      if (bases[0] < 32) await fe.start(bases);
       fe.poll(q);
       assert.deepEqual(await w.done, new Array(32).fill(Blk.S_OK));
       for (let i = 0; i < 32; i++) {
