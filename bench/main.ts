@@ -19,6 +19,11 @@ export const BENCHES: ReadonlyArray<{ name: string; summary: string; run: () => 
     run: () => import("./vhost.ts").then((m) => m.benchVhost()),
   },
   {
+    name: "vhost_memory",
+    summary: "RSS of one process serving 1, 10, 50 vhost-user-blk devices, idle and loaded: mpq vs qsd",
+    run: () => import("./vhost_memory.ts").then((m) => m.benchVhostMemory()),
+  },
+  {
     name: "startup",
     summary: "mpq --version against a bare deno run of a one-line script",
     run: () => import("./startup.ts").then((m) => m.benchStartup()),
