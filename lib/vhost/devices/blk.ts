@@ -128,9 +128,8 @@ export class BlkDevice implements VhostUserDevice {
       } catch (e) {
         throw new Error(`engine vmcopy: ${(e as Error).message}`);
       }
+      // The helper thread starts with the first batch big enough to share (see VmCopyEngine).
       this.#vm.helperEnabled = this.ioThreads > 0;
-      // Started now, so it is up (and its code warm) before the first batch it could take.
-      this.#vm.helper();
     }
     const serial = new TextEncoder().encode(options.serial ?? "");
     if (serial.byteLength > ID_BYTES) {

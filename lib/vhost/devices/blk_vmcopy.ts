@@ -120,10 +120,19 @@ export class VmCopyFile {
   /** Whether a helper thread may share big batches (set before the first one). */
   helperEnabled = true;
 
-  /** The helper thread for big batches, started on first use (null when disabled). */
+  /**
+   * The helper thread for big batches, started on first use (null when disabled). One helper is
+   * shared by every device of the process: their queues run on one thread, which posts a job and
+   * collects it within one submit, so two jobs never overlap (a Worker per device cost ~8 MiB each).
+   */
   helper(): CopyHelper | null {
     if (!this.helperEnabled) return null;
-    return this.#helper ??= CopyHelper.start();
+    return this.#helper ??= acquireHelper();
+  }
+
+  /** Whether helper() has started the helper thread. */
+  get helperStarted(): boolean {
+    return this.#helper !== null;
   }
 
   /** [offset, offset+len) was discarded or zeroed: reads there go through preadv again. */
@@ -132,10 +141,26 @@ export class VmCopyFile {
   }
 
   close(): void {
-    this.#helper?.close();
+    if (this.#helper) releaseHelper();
     this.#helper = null;
     this.map.close();
   }
+}
+
+/** The process's copy helper and how many mappings use it. */
+let sharedHelper: CopyHelper | null = null;
+let helperUsers = 0;
+
+function acquireHelper(): CopyHelper {
+  helperUsers++;
+  return sharedHelper ??= CopyHelper.start();
+}
+
+function releaseHelper(): void {
+  if (--helperUsers > 0) return;
+  helperUsers = 0;
+  sharedHelper?.close();
+  sharedHelper = null;
 }
 
 /**
@@ -200,8 +225,11 @@ export class VmCopyEngine implements BlkIoEngine {
     const batch = this.#queued;
     this.#queued = this.#spare;
     // (Not before the helper runs: a probe window without it would measure nothing.)
-    this.#share = this.#vm.helperEnabled && batch.length > 0 && this.#vm.helper()!.ready &&
-      this.#gate.batch(performance.now(), batch.length);
+    // The helper starts with the first batch big enough to share (an idle device, or one that only
+    // ever sees small batches, costs no thread).
+    const vm = this.#vm;
+    this.#share = vm.helperEnabled && batch.length > 0 && (vm.helperStarted || batch.length >= SPLIT_MIN) &&
+      vm.helper()!.ready && this.#gate.batch(performance.now(), batch.length);
     let i = 0;
     while (i < batch.length) {
       const req = batch[i];

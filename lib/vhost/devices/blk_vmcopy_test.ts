@@ -340,3 +340,24 @@ Deno.test("VmCopyEngine shares big batches with the helper thread: every request
     fx.close();
   }
 });
+
+Deno.test("VmCopyFile: all devices of a process share one helper thread, closed with the last of them", () => {
+  using a = memfdCreate("a");
+  using b = memfdCreate("b");
+  ftruncate(a, 8192);
+  ftruncate(b, 8192);
+  const va = VmCopyFile.open(a);
+  const vb = VmCopyFile.open(b);
+  const ha = va.helper();
+  const hb = vb.helper();
+  assert.ok(ha !== null && ha === hb, "one helper for both");
+  va.close();
+  const vc = VmCopyFile.open(b);
+  assert.equal(vc.helper(), hb, "still the same helper while one user is left");
+  vb.close();
+  vc.close();
+  const vd = VmCopyFile.open(a);
+  const hd = vd.helper();
+  assert.ok(hd !== null && hd !== ha, "a new helper once every user had closed");
+  vd.close();
+});
