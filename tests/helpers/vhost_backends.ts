@@ -3,7 +3,15 @@
  * `mpq vhost blk|rng` (ours), each listening on a UNIX socket in a private temporary directory.
  * @module
  */
-import { type ChildProcess, type ExitStatus, Signal, spawn } from "../../ffi/mod.ts";
+import {
+  type ChildProcess,
+  type ExitStatus,
+  OpenFlags,
+  openPath,
+  type OwnedFd,
+  Signal,
+  spawn,
+} from "../../ffi/mod.ts";
 import { selfCommand } from "../../lib/cli/self.ts";
 import { type FrontendOptions, VhostUserFrontend } from "./vhost_frontend.ts";
 
@@ -24,6 +32,8 @@ export interface BackendOptions {
   readyMs?: number;
   /** Let the child write to our stdout/stderr (default: only when VHOST_TEST_VERBOSE is set). */
   inheritStdio?: boolean;
+  /** Append the child's stdout and stderr to this file instead (overrides inheritStdio). */
+  logFile?: string;
 }
 
 async function waitForSocket(child: ChildProcess, path: string, ms: number, what: string): Promise<void> {
@@ -69,6 +79,17 @@ function stdio(o: BackendOptions): "inherit" | "null" {
   return (o.inheritStdio ?? Deno.env.get("VHOST_TEST_VERBOSE") !== undefined) ? "inherit" : "null";
 }
 
+/** Spawns with stdio per `o`: a log file as fds 1 and 2 (our copy closed once the child has it). */
+function spawnLogged(exe: string, argv: string[], o: BackendOptions): ChildProcess {
+  if (o.logFile === undefined) return spawn(exe, argv, { stdio: stdio(o) });
+  const log: OwnedFd = openPath(o.logFile, OpenFlags.O_WRONLY | OpenFlags.O_CREAT | OpenFlags.O_APPEND);
+  try {
+    return spawn(exe, argv, { stdio: "null", fds: new Map([[1, log], [2, log]]) });
+  } finally {
+    log.close();
+  }
+}
+
 /**
  * Starts qemu-storage-daemon exporting `file` as vhost-user-blk on `socketPath`.
  * @example
@@ -89,7 +110,7 @@ export async function startQsd(
     `writable=${options.writable === false ? "off" : "on"},num-queues=${options.queues ?? 1}`,
     ...(options.args ?? []),
   ];
-  const child = spawn("qemu-storage-daemon", argv, { stdio: stdio(options) });
+  const child = spawnLogged("qemu-storage-daemon", argv, options);
   await waitForSocket(child, socketPath, options.readyMs ?? 15000, "qemu-storage-daemon");
   return makeBackend("qemu-storage-daemon", child, socketPath);
 }
@@ -106,7 +127,7 @@ export async function startMpqVhost(
 ): Promise<Backend> {
   const [exe, ...pre] = selfCommand();
   const argv = [exe, ...pre, "vhost", device, `--socket-path=${socketPath}`, ...(options.args ?? [])];
-  const child = spawn(exe, argv, { stdio: stdio(options) });
+  const child = spawnLogged(exe, argv, options);
   await waitForSocket(child, socketPath, options.readyMs ?? 15000, `mpq vhost ${device}`);
   return makeBackend(`mpq vhost ${device}`, child, socketPath);
 }
