@@ -195,11 +195,13 @@ export async function fuzzVhost(args: string[]): Promise<number> {
   Deno.addSignalListener("SIGINT", onInt);
   try {
     out(
-      `vhost fuzz: seed ${o.seed}, devices ${o.devices.join(", ")}, ${
-        o.cases
-          ? `cases ${o.cases.first}-${o.cases.last}`
-          : `${o.messages} messages and ${o.rings} ring states`
-      }, families ${o.kinds.join(", ")}`,
+      o.plan
+        ? `vhost fuzz: ${o.planFile} (${o.plan.device}, ${o.plan.steps.length} steps: ${o.plan.tag})`
+        : `vhost fuzz: seed ${o.seed}, devices ${o.devices.join(", ")}, ${
+          o.cases
+            ? `cases ${o.cases.first}-${o.cases.last}`
+            : `${o.messages} messages and ${o.rings} ring states`
+        }, families ${o.kinds.join(", ")}`,
     );
     const r = await runVhostFuzz({ ...o, signal: abort.signal });
     out("");
@@ -215,7 +217,7 @@ export async function fuzzVhost(args: string[]): Promise<number> {
     }
     if (r.artefacts) out(`\nreports and daemon logs kept in ${r.artefacts}`);
     if (r.error) out(`\nthe run stopped early: ${r.error}`);
-    out(`seed ${o.seed}`);
+    if (!o.plan) out(`seed ${o.seed}`);
     return r.failures.length > 0 || r.error ? 1 : 0;
   } finally {
     Deno.removeSignalListener("SIGINT", onInt);

@@ -654,7 +654,7 @@ class DeviceRun {
     await this.#reporter.report({
       kind,
       device: this.#device,
-      seed: o.seed,
+      seed: plan?.seed ?? o.seed,
       caseNo: plan?.caseNo ?? null,
       caseKind: plan?.kind ?? null,
       summary,

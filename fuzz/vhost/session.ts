@@ -21,6 +21,8 @@ import { type CasePlan, type IoStep, send, type SendStep, wireBytes } from "./st
 
 /** How long connecting may retry (a listening daemon accepts at once; a dead one refuses). */
 const CONNECT_MS = 300;
+/** How long the probe after a resynchronization may take. */
+const RESYNC_MS = 1000;
 /** Bytes sent without a probe before the runner inserts one (keeps the socket buffer from filling). */
 const UNSYNCED_LIMIT = 32 << 10;
 
@@ -143,8 +145,8 @@ export class CaseConnection {
   }
 
   /** Waits until `target` GET_FEATURES replies have arrived in all; "timeout" when they do not. */
-  async #awaitReplies(target: number): Promise<"answered" | "closed" | "timeout"> {
-    const deadline = Date.now() + this.#env.timeoutMs;
+  async #awaitReplies(target: number, ms = this.#env.timeoutMs): Promise<"answered" | "closed" | "timeout"> {
+    const deadline = Date.now() + ms;
     while (this.#gfReplies < target) {
       const left = deadline - Date.now();
       if (left <= 0) return "timeout";
@@ -183,20 +185,22 @@ export class CaseConnection {
     const r = await this.#awaitReplies(target);
     if (r !== "timeout") return { end: r, detail: "" };
     // Maybe the back-end frames differently than the model: a payload's worth of zeros completes
-    // any message it is still reading (and a zero header is version 0), then probe once more.
+    // any message it is still reading (and a zero header is version 0), then probe once more. A
+    // back-end that was merely waiting for bytes answers at once; one that is stuck has had its
+    // full timeout already.
     this.resynced = true;
     const zeros = new Uint8Array(MAX_PAYLOAD + HEADER_SIZE);
     if (!await this.#write(zeros, [])) return { end: "closed", detail: "" };
     const before = this.#gfReplies;
     if (!await this.#write(wireBytes(send(Req.GET_FEATURES)), [])) return { end: "closed", detail: "" };
     this.messages++;
-    const again = await this.#awaitReplies(Math.max(before + 1, this.#gfReplies + 1));
+    const again = await this.#awaitReplies(Math.max(before + 1, this.#gfReplies + 1), RESYNC_MS);
     if (again !== "timeout") return { end: again, detail: "" };
     return {
       end: "hang",
       detail: expectClose
         ? `the connection should have been closed (${this.framing.closedBecause}) and was not, nor was a probe answered within ${this.#env.timeoutMs} ms`
-        : `no reply to GET_FEATURES (the ${this.framing.getFeatures}th on this connection) within ${this.#env.timeoutMs} ms, even after resynchronizing`,
+        : `no reply to GET_FEATURES (number ${this.framing.getFeatures} on this connection) within ${this.#env.timeoutMs} ms, nor ${RESYNC_MS} ms after resynchronizing`,
     };
   }
 

@@ -5,11 +5,12 @@
  * Every case mixes mutated and random messages, wrong fds, memory tables changed under running
  * queues and corrupted rings; after each one the daemon must be alive, answer a probe, hold no
  * more fds or shared mappings than after its first clean session, and it must keep serving
- * verified I/O to a well-behaved front-end.
+ * verified I/O to a well-behaved front-end. The minimized reproductions of what the fuzzer found
+ * (fuzz/vhost/corpus, written by `deno task fuzz vhost --minimize`) must all pass.
  */
 import assert from "node:assert/strict";
 import { distinctFailures, formatFailure, formatFigures, runVhostFuzz } from "../../fuzz/vhost/runner.ts";
-import { CASE_KINDS } from "../../fuzz/vhost/steps.ts";
+import { CASE_KINDS, planFromJson } from "../../fuzz/vhost/steps.ts";
 
 const FIXED_SEED = 20250601;
 const RANDOM_SEED = Number(Deno.env.get("VHOST_FUZZ_SEED") ?? Math.floor(Math.random() * 2 ** 32));
@@ -55,6 +56,42 @@ async function slice(seed: number): Promise<void> {
   assert.ok(r.figures.ringStates >= RINGS, `seed ${seed}: only ${r.figures.ringStates} ring states tried`);
   assert.ok(r.figures.verifications >= 4, `seed ${seed}: only ${r.figures.verifications} verifications`);
 }
+
+Deno.test("vhost fuzz: every minimized reproduction in fuzz/vhost/corpus now passes", async () => {
+  const dir = new URL("../../fuzz/vhost/corpus/", import.meta.url);
+  const failed: string[] = [];
+  const files = [...Deno.readDirSync(dir)].map((e) => e.name).filter((n) => n.endsWith(".json")).sort();
+  for (const name of files) {
+    const plan = planFromJson(Deno.readTextFileSync(new URL(name, dir)));
+    const r = await runVhostFuzz({
+      devices: [plan.device],
+      messages: 0,
+      rings: 0,
+      seed: plan.seed,
+      plan,
+      planFile: `fuzz/vhost/corpus/${name}`,
+      kinds: CASE_KINDS,
+      verifyEvery: 0,
+      timeoutMs: 3000,
+      stallMs: 2000,
+      settleMs: 1000,
+      blkArgs: [],
+      replayArgs: [],
+      maxReports: 0,
+      printPlans: false,
+      progressSeconds: 0,
+      artefacts: false,
+      out: () => {},
+    });
+    if (r.error) failed.push(`${name}: ${r.error}`);
+    for (const f of r.failures) failed.push(`${name}: ${f.kind}: ${f.summary}`);
+  }
+  assert.deepEqual(
+    failed,
+    [],
+    "replay one with: deno task fuzz vhost --plan-file=fuzz/vhost/corpus/NAME.json",
+  );
+});
 
 Deno.test(`vhost fuzz: a fixed-seed slice finds no crash, hang, stall, leak or failed I/O (seed ${FIXED_SEED})`, async () => {
   await slice(FIXED_SEED);
