@@ -329,6 +329,8 @@ export interface GuestOptions {
   args?: readonly string[];
   /** Guest RAM in MiB (default 512). */
   memoryMiB?: number;
+  /** QEMU machine type (`-machine`: "pc", "q35", ...; default: QEMU's default, the i440fx "pc"). */
+  machine?: string;
   /**
    * Back guest RAM with a shared memfd (`memory-backend-memfd,share=on` as NUMA node 0), which
    * vhost-user back-ends need to map guest memory.
@@ -396,6 +398,7 @@ export class Guest {
       const mem = options.memoryMiB ?? 512;
       const argv = [
         qemuBinary(),
+        ...(options.machine ? ["-machine", options.machine] : []),
         "-accel",
         "tcg",
         "-m",
