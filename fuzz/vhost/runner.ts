@@ -174,6 +174,23 @@ function blur(s: string): string {
   return s.replace(/0x[0-9a-f]+/gi, "X").replace(/\d+/g, "N");
 }
 
+/** The daemon's own words about what went wrong (errors, not the rejections it is meant to log). */
+const DAEMON_TROUBLE = /device error|still in flight|Uncaught|panicked|error:|Error:|SIGBUS|Segmentation/;
+
+/**
+ * What makes two failures the same problem: for crashes, hangs and stalls the daemon's trouble
+ * lines (or, without any, the exit status and the case family), for leaks what leaked, otherwise
+ * the case family (and for fds and memtable cases what they did).
+ */
+function signatureKey(kind: FailureKind, key: string, stderr: readonly string[], tagKey: string): string {
+  if (kind === "fd-leak" || kind === "map-leak") return key;
+  if (kind === "crash" || kind === "hang" || kind === "stall") {
+    const trouble = [...new Set(stderr.filter((l) => DAEMON_TROUBLE.test(l)).map(blur))].sort();
+    return trouble.length ? `${key}|${trouble.join("|")}` : `${key}|${tagKey}`;
+  }
+  return tagKey;
+}
+
 class Reporter {
   readonly failures: FuzzFailure[] = [];
   readonly #o: FuzzOptions;
@@ -651,6 +668,7 @@ class DeviceRun {
         } at step #${result.atStep}`,
       ]
       : [];
+    const stderr = blame ? this.#d.logSince(blame.logFrom, 200) : [];
     await this.#reporter.report({
       kind,
       device: this.#device,
@@ -660,14 +678,12 @@ class DeviceRun {
       summary,
       detail: [...detail, ...extraDetail],
       steps: plan ? describePlan(plan).slice(1) : [],
-      stderr: blame ? this.#d.logSince(blame.logFrom) : [],
+      stderr: stderr.length > 40
+        ? [`... (${stderr.length - 40} lines before these in the log)`, ...stderr.slice(-40)]
+        : stderr,
       replay,
       plan,
-      signature: blur(
-        `${kind}|${this.#device}|${kind === "crash" || kind === "hang" ? key || "" : ""}|${
-          kind === "fd-leak" || kind === "map-leak" ? key : tagKey
-        }`,
-      ),
+      signature: blur(`${kind}|${this.#device}|${signatureKey(kind, key, stderr, tagKey)}`),
     });
   }
 
