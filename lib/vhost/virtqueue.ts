@@ -306,6 +306,11 @@ export class VirtQueue {
     return new Promise((resolve) => this.#idleWaiters.push(resolve));
   }
 
+  /** Whether the chain at `head` was popped and not yet completed. */
+  holds(head: number): boolean {
+    return head < MAX_QUEUE_SIZE && this.#busy[head] === 1;
+  }
+
   /** A mark for {@link completedBefore}: the serial of the latest pop so far. */
   retireMark(): number {
     return this.#popSerial;

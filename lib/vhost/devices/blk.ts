@@ -231,14 +231,19 @@ export class BlkDevice implements VhostUserDevice {
     try {
       do {
         q.stamp = performance.now();
-        for (let n = 0; n < max && vq.pop(chain); n++) this.#request(q, chain);
-        q.engine.submit();
-        // Writes completed inside submit() in writethrough mode: one flush for all of them.
-        while (q.requeued) {
-          q.requeued = false;
-          if (q.startDurabilityFlush()) q.engine.submit();
+        try {
+          for (let n = 0; n < max && vq.pop(chain); n++) this.#tryRequest(q, chain);
+        } finally {
+          // Even when a later chain broke the ring, what this pass queued is submitted (nothing
+          // popped is left behind in the engine), then the ring error goes to the handler.
+          q.engine.submit();
+          // Writes completed inside submit() in writethrough mode: one flush for all of them.
+          while (q.requeued) {
+            q.requeued = false;
+            if (q.startDurabilityFlush()) q.engine.submit();
+          }
+          q.publish();
         }
-        q.publish();
         // Fairness: after MAX_PASSES rings' worth, let other queues and messages run first.
         if (++passes >= maxPasses && q.process !== null && vq.hasWork()) {
           q.resume = true;
@@ -247,6 +252,20 @@ export class BlkDevice implements VhostUserDevice {
       } while (vq.enableNotification());
     } finally {
       q.inKick = false;
+    }
+  }
+
+  /**
+   * #request, but a request the engine refuses (or anything else that goes wrong once the chain
+   * was popped) completes with IOERR instead of staying in flight: the ring itself was fine.
+   */
+  #tryRequest(q: BlkQueue, c: DescriptorChain): void {
+    try {
+      this.#request(q, c);
+    } catch (e) {
+      const req = q.slot(c.head);
+      if (q.vq.holds(c.head)) q.finish(req, BlkStatus.IOERR, 0);
+      console.error(`mpq vhost: queue ${q.vq.index}: request ${c.head} failed: ${(e as Error).message}`);
     }
   }
 
@@ -289,6 +308,7 @@ export class BlkDevice implements VhostUserDevice {
         // Data: every device-writable byte but the status byte.
         const len = c.gather(req.iov, true, 0, c.writable - 1);
         if (len < 0 || offset + len > this.size) return q.finish(req, BlkStatus.IOERR, 1);
+        if (len === 0) return q.finish(req, BlkStatus.OK, 1); // nothing to move
         req.dataLen = len;
         req.op = "read";
         req.offset = offset;
@@ -299,6 +319,7 @@ export class BlkDevice implements VhostUserDevice {
         // Data: every device-readable byte after the header.
         const len = c.gather(req.iov, false, HEADER_BYTES, c.readable - HEADER_BYTES);
         if (len < 0 || offset + len > this.size) return q.finish(req, BlkStatus.IOERR, 1);
+        if (len === 0) return q.finish(req, BlkStatus.OK, 1); // nothing to move
         req.dataLen = len;
         req.op = "write";
         req.offset = offset;

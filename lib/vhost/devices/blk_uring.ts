@@ -105,7 +105,15 @@ export class UringEngine implements BlkIoEngine {
     this.#iov[slot] = req.iov;
     this.#moved[slot] = 0;
     this.#retries[slot] = 0;
-    this.#prep(slot, req, req.iov, req.offset);
+    try {
+      this.#prep(slot, req, req.iov, req.offset);
+    } catch (e) {
+      // Not queued after all: the slot is free again (close() must not wait for it).
+      this.#req[slot] = null;
+      this.#iov[slot] = null;
+      this.#free[this.#freeTop++] = slot;
+      throw e;
+    }
   }
 
   /** One io_uring_enter for everything queued, then reaps whatever already completed. */

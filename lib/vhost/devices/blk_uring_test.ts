@@ -258,6 +258,21 @@ Deno.test("UringEngine.close waits for I/O in the kernel, drops the rest, releas
   await fx.close();
 });
 
+Deno.test("UringEngine: a request it cannot prepare (no iovec) throws and keeps no slot, so close() returns", () => {
+  using reactor = new Reactor();
+  using file = memfdCreate("x");
+  ftruncate(file, 8192);
+  const engine = new UringEngine(file, reactor, { depth: 2 });
+  for (let i = 0; i < 3; i++) {
+    assert.throws(
+      () => engine.queue({ op: "read", offset: 0, iov: new IoVecs(1), done: () => {} }),
+      /needs at least one iovec/,
+    );
+  }
+  assert.equal(engine.pending, 0, "no slot stays taken");
+  engine.close(); // would wait for the kernel forever if a slot were leaked
+});
+
 Deno.test("UringEngine rejects a bad depth", () => {
   using reactor = new Reactor();
   using file = memfdCreate("x");
