@@ -15,7 +15,8 @@ export const BENCHES: ReadonlyArray<{ name: string; summary: string; run: () => 
   },
   {
     name: "vhost",
-    summary: "vhost-user-blk 4K random I/O: mpq vs qemu-storage-daemon",
+    summary:
+      "vhost-user-blk 4K random I/O: mpq vs libvhost-user (contrib vhost-user-blk) and qemu-storage-daemon",
     run: () => import("./vhost.ts").then((m) => m.benchVhost()),
   },
   {
