@@ -21,8 +21,44 @@ export interface DeviceContext {
 /**
  * A virtio device served over vhost-user.
  * @example
- * class MyDevice implements VhostUserDevice { ... }
- * new VhostUserHandler(new MyDevice(), { reactor, metrics });
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { Reactor } from "../../ffi/mod.ts";
+ * import { VhostUserHandler } from "./handler.ts";
+ * import { Metrics } from "./metrics.ts";
+ * import { DescriptorChain, type VirtQueue } from "./virtqueue.ts";
+ *
+ * // Completes every buffer at once with nothing written.
+ * class NullDevice implements VhostUserDevice {
+ *   readonly type = "null";
+ *   readonly features = 0n;
+ *   readonly numQueues = 1;
+ *   readonly #chain = new DescriptorChain();
+ *   readConfig(_offset: number, size: number): Uint8Array {
+ *     return new Uint8Array(size);
+ *   }
+ *   writeConfig(offset: number): void {
+ *     throw new RangeError(`no config space: write at ${offset}`);
+ *   }
+ *   setFeatures(): void {}
+ *   startQueue(): void {}
+ *   processQueue(vq: VirtQueue): void {
+ *     do {
+ *       for (let n = 0; n < vq.size && vq.pop(this.#chain); n++) vq.pushUsed(this.#chain.head, 0);
+ *       vq.flush();
+ *     } while (vq.enableNotification()); // buffers that came meanwhile (a real device bounds this)
+ *   }
+ *   stopQueue(): void {} // nothing is ever in flight
+ *   cancelQueue(): void {}
+ *   close(): void {}
+ * }
+ *
+ * const reactor = new Reactor();
+ * const handler = new VhostUserHandler(new NullDevice(), { reactor, metrics: new Metrics("null", 1) });
+ * assert.equal(handler.queues.length, 1);
+ * await handler.close();
+ * reactor.close();
+ * ```
  */
 export interface VhostUserDevice {
   /** The vhost-user.json "type" ("block", "rng"). */

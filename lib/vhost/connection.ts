@@ -27,7 +27,39 @@ export interface ConnectionOptions {
 
 /**
  * @example
- * const conn = new VhostUserConnection(socket, handler, { reactor, onClose: () => acceptNext() });
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { Reactor, socketPair } from "../../ffi/mod.ts";
+ * import { RngDevice } from "./devices/rng.ts";
+ * import { VhostUserHandler } from "./handler.ts";
+ * import { decodeU64, encodeMessage, Flags, HEADER_SIZE, Request } from "./message.ts";
+ * import { Metrics } from "./metrics.ts";
+ *
+ * const [socket, frontEnd] = socketPair(); // `socket` as a listener accepts it
+ * const reactor = new Reactor();
+ * const device = new RngDevice();
+ * const handler = new VhostUserHandler(device, { reactor, metrics: new Metrics("rng", 1) });
+ * const closed = Promise.withResolvers<string>();
+ * // onClose: the daemon serves the next front-end from here.
+ * new VhostUserConnection(socket, handler, { reactor, onClose: closed.resolve });
+ * const running = reactor.run();
+ * const reply = new Uint8Array(HEADER_SIZE + 8);
+ * const answered = Promise.withResolvers<void>();
+ * const watch = reactor.add(frontEnd.fd, { readable: true }, () => {
+ *   frontEnd.recvMsg(reply);
+ *   watch.remove();
+ *   answered.resolve();
+ * });
+ * frontEnd.sendMsg(encodeMessage(Request.GET_QUEUE_NUM, Flags.VERSION, new Uint8Array(0)));
+ * await answered.promise;
+ * assert.equal(decodeU64(Request.GET_QUEUE_NUM, reply.subarray(HEADER_SIZE)), 1n);
+ * frontEnd.close();
+ * assert.equal(await closed.promise, "front-end closed the connection"); // the socket is closed
+ * reactor.stop();
+ * await running;
+ * device.close();
+ * reactor.close();
+ * ```
  */
 export class VhostUserConnection {
   readonly #sock: UnixSocket;

@@ -24,8 +24,25 @@ export interface ControlOptions {
 
 /**
  * @example
- * ```ts ignore
- * const ctl = new ControlServer("/run/mpq/vhost.ctl", { reactor, commands: { list: () => [] } });
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { Reactor } from "../../ffi/mod.ts";
+ *
+ * const dir = Deno.makeTempDirSync();
+ * const reactor = new Reactor();
+ * const ctl = new ControlServer(`${dir}/vhost.ctl`, { reactor, commands: { list: () => ["rng0"] } });
+ * const running = reactor.run();
+ * const client = await Deno.connect({ transport: "unix", path: ctl.path });
+ * await client.write(new TextEncoder().encode('{"id": 1, "cmd": "list"}\n'));
+ * const reply = new Uint8Array(256);
+ * const n = await client.read(reply);
+ * assert.equal(new TextDecoder().decode(reply.subarray(0, n!)), '{"id":1,"ok":true,"result":["rng0"]}\n');
+ * client.close();
+ * ctl.close(); // every connection, and the socket (its path is removed)
+ * reactor.stop();
+ * await running;
+ * reactor.close();
+ * Deno.removeSync(dir);
  * ```
  */
 export class ControlServer {

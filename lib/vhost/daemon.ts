@@ -48,8 +48,26 @@ export interface DaemonOptions {
 
 /**
  * @example
- * const daemon = new VhostUserDaemon(device, listenUnix(path), {});
- * await daemon.run();
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { connectUnix, listenUnix } from "../../ffi/mod.ts";
+ * import { RngDevice } from "./devices/rng.ts";
+ *
+ * const dir = Deno.makeTempDirSync();
+ * const lines: string[] = [];
+ * const daemon = new VhostUserDaemon(new RngDevice(), listenUnix(`${dir}/rng.sock`), {
+ *   log: (line) => lines.push(line), // default console.error
+ * });
+ * const running = daemon.run(); // until stop() (SIGTERM and SIGINT with { signals: true })
+ * const frontEnd = connectUnix(`${dir}/rng.sock`); // QEMU's -chardev socket,path=...
+ * while (!daemon.connected) await new Promise((r) => setTimeout(r, 1));
+ * daemon.stop();
+ * await running;
+ * daemon.close(); // the connection, the listener (its path removed), the device and the reactor
+ * assert.deepEqual(lines, ["mpq vhost: front-end disconnected (daemon stopping)"]);
+ * frontEnd.close();
+ * Deno.removeSync(dir);
+ * ```
  */
 export class VhostUserDaemon {
   readonly reactor: Reactor;

@@ -33,7 +33,20 @@ export class DeviceOpenError extends Error {
 /**
  * Opens what a spec names. Nothing is left open when it throws.
  * @example
- * const opened = openDevice(parseDeviceArg("rng,socket=/run/rng0.sock", { defaultQueues: 1, index: 0 }));
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { parseDeviceArg } from "./device_spec.ts";
+ *
+ * const dir = Deno.makeTempDirSync();
+ * const defaults = { defaultQueues: 1, index: 0 };
+ * const opened = openDevice(parseDeviceArg(`rng,socket=${dir}/rng0.sock`, defaults));
+ * assert.equal(opened.describe, "getrandom(2)");
+ * opened.listener.close(); // its path is removed
+ * opened.device.close();
+ * const missing = parseDeviceArg(`blk,file=${dir}/none.img,socket=${dir}/d.sock`, defaults);
+ * assert.throws(() => openDevice(missing), { name: "DeviceOpenError", field: "file" });
+ * Deno.removeSync(dir); // empty: nothing was left behind
+ * ```
  */
 export function openDevice(spec: DeviceSpec): OpenedDevice {
   let device: VhostUserDevice;

@@ -81,8 +81,15 @@ const JSON_NAMES: Record<string, string> = {
  * Parses `blk,file=disk.img,socket=/run/d0.sock,read-only` (QEMU's -device style: the type first,
  * then key=value pairs; a boolean key alone means true; a comma inside a value is written twice).
  * @example
- * parseDeviceArg("rng,socket=/run/rng0.sock", { defaultQueues: 2, index: 0 });
- * // { type: "rng", id: "rng0", listen: { socket: "/run/rng0.sock" } }
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.deepEqual(parseDeviceArg("rng,socket=/run/rng0.sock", { defaultQueues: 2, index: 0 }), {
+ *   type: "rng",
+ *   id: "rng0",
+ *   listen: { socket: "/run/rng0.sock" },
+ * });
+ * ```
  */
 export function parseDeviceArg(arg: string, options: SpecDefaults): DeviceSpec {
   const [type, ...pairs] = splitOpts(arg);
@@ -120,7 +127,15 @@ function splitOpts(arg: string): string[] {
  * Checks a device given as JSON (`{"type": "blk", "file": "...", "socket": "..."}`; keys in flag
  * spelling or camelCase).
  * @example
- * deviceSpecFromJson({ type: "blk", file: "/d.img", fd: 3 }, { defaultQueues: 1, index: 0 });
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const spec = deviceSpecFromJson(
+ *   { type: "blk", file: "/d.img", fd: 3, readOnly: true },
+ *   { defaultQueues: 1, index: 0 },
+ * );
+ * assert.equal(formatDeviceArg(spec), "blk,id=blk0,fd=3,file=/d.img,num-queues=1,read-only");
+ * ```
  */
 export function deviceSpecFromJson(value: unknown, options: SpecDefaults): DeviceSpec {
   if (typeof value !== "object" || value === null || Array.isArray(value)) {
@@ -242,7 +257,16 @@ function build(type: string, raw: Raw, options: SpecDefaults, from: "text" | "js
 /**
  * Checks that devices served together do not clash: ids, socket paths and fds are unique.
  * @example
- * checkUnique([a, b]); // throws SpecError when a.id === b.id
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const a = parseDeviceArg("rng,id=r0,socket=/run/r.sock", { defaultQueues: 1, index: 0 });
+ * const b = parseDeviceArg("rng,id=r1,socket=/run/r.sock", { defaultQueues: 1, index: 1 });
+ * assert.throws(() => checkUnique([a, b]), {
+ *   name: "SpecError",
+ *   message: "r1: socket /run/r.sock is already used by r0",
+ * });
+ * ```
  */
 export function checkUnique(specs: readonly DeviceSpec[]): void {
   const seen = new Map<string, string>();

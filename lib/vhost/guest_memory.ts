@@ -129,9 +129,20 @@ function checkFd(r: MemoryRegion, fd: OwnedFd): void {
 /**
  * The memory table of one connection.
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ftruncate, memfdCreate } from "../../ffi/mod.ts";
+ *
+ * using memfd = memfdCreate("guest"); // as the front-end sends it with SET_MEM_TABLE
+ * ftruncate(memfd, 1 << 20);
  * const mem = new GuestMemory();
  * mem.add({ guestAddr: 0n, size: 1n << 20n, userAddr: 0x7f00_0000_0000n, mmapOffset: 0n }, memfd);
  * const { region, offset } = mem.translateGpa(0x1000n, 16);
+ * region.bytes[offset] = 7; // the guest's byte at 0x1000
+ * assert.equal(mem.translateUser(0x7f00_0000_1000n, 1).offset, offset);
+ * assert.throws(() => mem.translateGpa(0xffff8n, 16), GuestMemoryError); // runs past the end
+ * mem.close(); // unmaps every region
+ * ```
  */
 export class GuestMemory {
   #regions: GuestRegion[] = [];

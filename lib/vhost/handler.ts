@@ -108,8 +108,25 @@ export interface HandlerOptions {
 
 /**
  * @example
- * const h = new VhostUserHandler(device, { reactor, metrics });
- * const out = h.handle({ request: Request.GET_FEATURES, flags: 1, payload: new Uint8Array(0), fds: [] });
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { Reactor } from "../../ffi/mod.ts";
+ * import { RngDevice } from "./devices/rng.ts";
+ * import { bit, decodeU64, Flags, HEADER_SIZE, Request, VirtioFeature } from "./message.ts";
+ * import { Metrics } from "./metrics.ts";
+ *
+ * const reactor = new Reactor();
+ * const device = new RngDevice();
+ * const h = new VhostUserHandler(device, { reactor, metrics: new Metrics("rng", 1) });
+ * const empty = new Uint8Array(0);
+ * const out = h.handle({ request: Request.GET_FEATURES, flags: Flags.VERSION, payload: empty, fds: [] });
+ * assert.ok(!(out instanceof Promise)); // only a ring stop waits for I/O
+ * const features = decodeU64(Request.GET_FEATURES, out.reply!.subarray(HEADER_SIZE));
+ * assert.equal(features & bit(VirtioFeature.VERSION_1), bit(VirtioFeature.VERSION_1));
+ * await h.close(); // the front-end went away
+ * device.close();
+ * reactor.close();
+ * ```
  */
 export class VhostUserHandler {
   readonly device: VhostUserDevice;

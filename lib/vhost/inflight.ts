@@ -33,8 +33,24 @@ export function inflightAreaSize(numQueues: number, queueSize: number): number {
 /**
  * One queue's view of the inflight area.
  * @example
- * const q = new InflightQueue(new DataView(region.bytes.buffer), { offset: 0, queueSize: 128 });
- * q.begin(head); ... q.publishBatch(heads, n, usedIdx);
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ftruncate, mapShared, memfdCreate } from "../../ffi/mod.ts";
+ *
+ * using fd = memfdCreate("inflight"); // the area GET_INFLIGHT_FD hands to the front-end
+ * ftruncate(fd, inflightAreaSize(1, 128));
+ * using area = mapShared(fd, inflightAreaSize(1, 128));
+ * const q = new InflightQueue(new DataView(area.bytes.buffer), { offset: 0, queueSize: 128 });
+ * q.recover(0); // a fresh area: initialised, nothing to resubmit
+ * q.begin(5); // popped
+ * q.begin(9);
+ * const batch = new Uint16Array([5]); // 5 completed
+ * q.prepareBatch(batch, 1); // before the used index is published
+ * q.finishBatch(batch, 1, 1); // after: used idx 1
+ * // The back-end crashed; its successor gets the same area back and resubmits 9.
+ * const again = new InflightQueue(new DataView(area.bytes.buffer), { offset: 0, queueSize: 128 });
+ * assert.deepEqual(again.recover(1), [9]);
+ * ```
  */
 export class InflightQueue {
   readonly #v: DataView;

@@ -54,7 +54,14 @@ export class QueueMetrics {
 /**
  * The metrics of one daemon.
  * @example
- * const m = new Metrics("blk", 2); m.queue(0).requests++; console.log(m.render());
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const m = new Metrics("block", 2);
+ * m.queue(0).requests++;
+ * m.queue(0).observe(40); // one request that took 40 µs
+ * assert.match(m.render(), /^mpq_vhost_requests_total\{device="block",queue="0"\} 1$/m);
+ * ```
  */
 export class Metrics {
   readonly device: string;
@@ -72,7 +79,17 @@ export class Metrics {
    * Adds a metric read when rendering: `values()` gives [extra labels, value] pairs (labels such as
    * `queue="0"`, or "" for the device as a whole).
    * @example
-   * metrics.addSource("mpq_vhost_poll_window_seconds", "Busy-poll window.", "gauge", () => [["", w / 1e6]]);
+   * ```ts
+   * import assert from "node:assert/strict";
+   *
+   * const metrics = new Metrics("block", 1);
+   * let windowUs = 8;
+   * metrics.addSource("mpq_vhost_poll_window_seconds", "Busy-poll window.", "gauge", () => [
+   *   ["", windowUs / 1e6],
+   * ]);
+   * windowUs = 32; // read when rendering
+   * assert.match(metrics.render(), /^mpq_vhost_poll_window_seconds\{device="block"\} 0.000032$/m);
+   * ```
    */
   addSource(
     name: string,
@@ -98,7 +115,13 @@ export class Metrics {
    * Several daemons' metrics as one exposition (`mpq vhost serve`): each family's HELP and TYPE
    * once, then every daemon's samples, told apart by their `device` label.
    * @example
-   * const text = Metrics.renderAll([diskMetrics, rngMetrics]);
+   * ```ts
+   * import assert from "node:assert/strict";
+   *
+   * const text = Metrics.renderAll([new Metrics("block", 1), new Metrics("rng", 1)]);
+   * assert.equal(text.match(/^# TYPE mpq_vhost_requests_total counter$/gm)?.length, 1);
+   * assert.match(text, /^mpq_vhost_requests_total\{device="rng",queue="0"\} 0$/m);
+   * ```
    */
   static renderAll(list: readonly Metrics[]): string {
     const families = new Map<string, { head: string[]; samples: string[] }>();
@@ -174,8 +197,23 @@ export class Metrics {
 /**
  * Serves `metrics.render()` to every connection on a UNIX socket, then closes it.
  * @example
- * const server = new MetricsServer("/run/vhost.metrics", { reactor, metrics });
- * ...; server.close();
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { Reactor } from "../../ffi/mod.ts";
+ *
+ * const dir = Deno.makeTempDirSync();
+ * const reactor = new Reactor();
+ * const server = new MetricsServer(`${dir}/metrics.sock`, { reactor, metrics: new Metrics("rng", 1) });
+ * const running = reactor.run();
+ * const scraper = await Deno.connect({ transport: "unix", path: `${dir}/metrics.sock` });
+ * const text = await new Response(scraper.readable).text(); // until the server closes it
+ * assert.match(text, /^mpq_vhost_requests_total\{device="rng",queue="0"\} 0$/m);
+ * server.close(); // the socket is unlinked
+ * reactor.stop();
+ * await running;
+ * reactor.close();
+ * Deno.removeSync(dir);
+ * ```
  */
 export class MetricsServer {
   readonly #listener: UnixListener;

@@ -16,10 +16,17 @@ export const POLL_START_US = 4;
 
 /**
  * @example
- * const w = new PollWindow(32);
- * w.work(now);                      // a request was served
- * if (!w.keepPolling(now)) sleep(); // window over: ask for kicks
- * w.woken(now);                     // the kick that ended the sleep: adapt
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const w = new PollWindow(32); // times in ms (performance.now()), windows in µs
+ * w.work(0); // a request was served
+ * assert.equal(w.keepPolling(0.001), false); // window (0 µs) over: ask for kicks and sleep
+ * w.woken(0.01); // a kick after 10 µs ended the sleep: a window would have caught it
+ * assert.equal(w.windowUs, 4); // so the window grows, from 4 µs
+ * w.work(0.01);
+ * assert.equal(w.keepPolling(0.012), true); // 2 µs after the last request: keep polling
+ * ```
  */
 export class PollWindow {
   /** The largest window (µs); 0 turns polling off. */

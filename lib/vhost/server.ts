@@ -61,10 +61,22 @@ interface Served {
 
 /**
  * @example
- * ```ts ignore
- * const server = new VhostServer({ controlPath: "/run/mpq/vhost.ctl" });
- * server.add(parseDeviceArg("blk,file=disk.img,socket=/run/d0.sock", { defaultQueues: 1, index: 0 }));
- * await server.run();
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { parseDeviceArg } from "./device_spec.ts";
+ *
+ * const dir = Deno.makeTempDirSync();
+ * Deno.writeFileSync(`${dir}/disk.img`, new Uint8Array(1 << 20));
+ * const server = new VhostServer({ controlPath: `${dir}/vhost.ctl`, log: () => {} }); // default: stderr
+ * const devices = [`blk,file=${dir}/disk.img,socket=${dir}/d0.sock`, `rng,socket=${dir}/r1.sock`];
+ * devices.forEach((d, index) => server.add(parseDeviceArg(d, { defaultQueues: 1, index })));
+ * const running = server.run(); // until stop(), SIGTERM with { signals: true }, or the "stop" command
+ * await server.remove("rng1"); // while the others serve
+ * assert.deepEqual(server.list().map((d) => d.id), ["blk0"]);
+ * server.stop();
+ * await running;
+ * server.close(); // every device, the control socket and the reactor
+ * Deno.removeSync(dir, { recursive: true });
  * ```
  */
 export class VhostServer {

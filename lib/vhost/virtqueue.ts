@@ -137,9 +137,30 @@ export class DescriptorChain {
 /**
  * One virtqueue of a vhost-user connection.
  * @example
- * vq.size = 128; vq.setAddresses(desc, avail, used); vq.start(memory);
- * while (vq.pop(chain)) vq.pushUsed(chain.head, 0);
- * vq.flush();
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ftruncate, memfdCreate } from "../../ffi/mod.ts";
+ * import { GuestMemory } from "./guest_memory.ts";
+ *
+ * using memfd = memfdCreate("guest");
+ * ftruncate(memfd, 1 << 16);
+ * const memory = new GuestMemory();
+ * const ram = memory.add({ guestAddr: 0n, size: 1n << 16n, userAddr: 0n, mmapOffset: 0n }, memfd);
+ * // The driver: descriptor 0 is 16 device-readable bytes at 0x8000, made available (avail idx 1).
+ * ram.view.setBigUint64(0, 0x8000n, true);
+ * ram.view.setUint32(8, 16, true);
+ * ram.view.setUint16(0x1002, 1, true);
+ * const vq = new VirtQueue(0);
+ * vq.size = 128; // SET_VRING_NUM
+ * vq.setAddresses(0x0n, 0x1000n, 0x2000n); // SET_VRING_ADDR: descriptors, avail ring, used ring
+ * vq.start(memory);
+ * const chain = new DescriptorChain();
+ * while (vq.pop(chain)) vq.pushUsed(chain.head, 0); // a device serves chain.readable bytes first
+ * vq.flush(); // one used-index store for the batch, then the call eventfd if the driver wants it
+ * assert.equal(ram.view.getUint16(0x2002, true), 1); // used idx
+ * vq.stop();
+ * memory.close();
+ * ```
  */
 export class VirtQueue {
   readonly index: number;

@@ -24,10 +24,14 @@ function popcount(x: number): number {
 
 /**
  * @example
- * const map = AllocMap.fromExtents(size, [[0, 65536]]);
- * map.allocated(4096, 4096); // true: read through the mapping
- * map.markUnknown(0, 8192);  // discarded
- * map.allocated(4096, 4096); // false: preadv
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const map = AllocMap.fromExtents(1 << 20, [[0, 65536]]); // the file's data extents
+ * assert.equal(map.allocated(4096, 4096), true); // read through the mapping
+ * map.markUnknown(0, 8192); // discarded
+ * assert.equal(map.allocated(4096, 4096), false); // preadv
+ * ```
  */
 export class AllocMap {
   readonly size: number;

@@ -82,8 +82,19 @@ export function openBlkFile(path: string, options: BlkOptions = {}): { fd: Owned
 
 /**
  * @example
- * const { fd, size } = openBlkFile("disk.img");
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const path = Deno.makeTempFileSync({ suffix: ".img" });
+ * Deno.truncateSync(path, 1 << 20);
+ * const { fd, size } = openBlkFile(path); // the fd now belongs to the device
  * const dev = new BlkDevice(fd, size, { numQueues: 2, writeback: true });
+ * assert.equal(dev.capacitySectors, 2048);
+ * assert.equal(dev.readConfig(32, 1)[0], 1); // config space: the writeback cache is on
+ * assert.ok(["uring", "vmcopy", "preadv"].includes(dev.engine)); // "auto", resolved: see engineReason
+ * dev.close(); // closes the file
+ * Deno.removeSync(path);
+ * ```
  */
 export class BlkDevice implements VhostUserDevice {
   readonly type = "block";

@@ -40,8 +40,15 @@ export type EngineChoice = "auto" | EngineKind;
 /**
  * Checks an engine name (from a flag or a config file).
  * @example
- * parseEngineChoice("uring"); // "uring"
- * parseEngineChoice("aio"); // throws RangeError
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(parseEngineChoice("uring"), "uring");
+ * assert.throws(() => parseEngineChoice("aio"), {
+ *   name: "RangeError",
+ *   message: 'engine must be auto, uring, vmcopy, preadv: got "aio"',
+ * });
+ * ```
  */
 export function parseEngineChoice(name: string): EngineChoice {
   if (name === "auto" || (ENGINE_KINDS as readonly string[]).includes(name)) return name as EngineChoice;

@@ -34,7 +34,17 @@ export interface ResolvedEngine {
  *   O_DIRECT on tmpfs...);
  * - "uring" and "vmcopy" are checked to work here and throw naming why not; "preadv" always works.
  * @example
- * const { kind, reason } = resolveEngine(file, "auto"); // "vmcopy", "tmpfs file, ..."
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ftruncate, memfdCreate, supportsNowait } from "../../../ffi/mod.ts";
+ *
+ * using file = memfdCreate("disk"); // tmpfs, like a file in /dev/shm
+ * ftruncate(file, 1 << 20);
+ * const { kind, reason } = resolveEngine(file, "auto"); // once per device
+ * assert.equal(kind, supportsNowait(file) ? "uring" : "vmcopy");
+ * assert.match(reason, /^(io_uring works|tmpfs file)/); // "tmpfs file, the file has no nowait I/O"
+ * assert.deepEqual(resolveEngine(file, "preadv"), { kind: "preadv", reason: "forced" });
+ * ```
  */
 export function resolveEngine(file: OwnedFd, choice: EngineChoice): ResolvedEngine {
   const probe = probeIoUring();
@@ -74,8 +84,18 @@ export interface CreateEngineOptions {
 /**
  * Builds one queue's engine of a kind resolveEngine() returned.
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ftruncate, memfdCreate, Reactor } from "../../../ffi/mod.ts";
+ *
+ * using file = memfdCreate("disk");
+ * ftruncate(file, 1 << 20);
+ * const reactor = new Reactor();
  * const engine = createEngine(file, reactor, resolveEngine(file, "auto").kind, { depth: 128 });
- * console.log(engine.name); // "io_uring", "vmcopy" or "preadv"
+ * assert.ok(["io_uring", "vmcopy", "preadv"].includes(engine.name));
+ * engine.close(); // the file stays with the device
+ * reactor.close();
+ * ```
  */
 export function createEngine(
   file: OwnedFd,

@@ -8,9 +8,24 @@ import type { BlkIoEngine, BlkIoRequest } from "./blk_engine.ts";
 /**
  * The fallback engine: one preadv/pwritev per request, straight into mapped guest memory.
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ftruncate, IoVecs, mapShared, memfdCreate } from "../../../ffi/mod.ts";
+ *
+ * using file = memfdCreate("disk");
+ * file.write(new TextEncoder().encode("hello"));
+ * using guest = memfdCreate("guest");
+ * ftruncate(guest, 4096);
+ * using ram = mapShared(guest, 4096);
+ * const iov = new IoVecs(1);
+ * iov.push(ram, 0, 512); // a guest buffer
  * const engine = new PreadvEngine(file);
- * engine.queue({ op: "read", offset: 0, iov, done: (n) => complete(n) });
- * engine.submit();
+ * let result = NaN;
+ * engine.queue({ op: "read", offset: 0, iov, done: (n) => result = n });
+ * engine.submit(); // completes inside submit()
+ * assert.equal(result, 5); // short: the file holds 5 bytes
+ * engine.close(); // the file stays with its owner
+ * ```
  */
 export class PreadvEngine implements BlkIoEngine {
   readonly name = "preadv";

@@ -29,9 +29,29 @@ export interface UringEngineOptions {
  * A BlkIoEngine on io_uring. Completions run inside submit() when the kernel finished them inline,
  * otherwise from the reactor's turn.
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ftruncate, IoVecs, mapShared, memfdCreate, Reactor } from "../../../ffi/mod.ts";
+ *
+ * using file = memfdCreate("disk");
+ * file.write(new TextEncoder().encode("hello"));
+ * using guest = memfdCreate("guest");
+ * ftruncate(guest, 4096);
+ * using ram = mapShared(guest, 4096);
+ * const iov = new IoVecs(1);
+ * iov.push(ram, 0, 512); // a guest buffer
+ * const reactor = new Reactor();
+ * const running = reactor.run(); // completions the kernel did not finish inline come from here
  * const engine = new UringEngine(file, reactor, { depth: 128 });
- * engine.queue({ op: "read", offset: 0, iov, done: (n) => complete(n) });
- * engine.submit();
+ * const read = Promise.withResolvers<number>();
+ * engine.queue({ op: "read", offset: 0, iov, done: read.resolve });
+ * engine.submit(); // one io_uring_enter for everything queued
+ * assert.equal(await read.promise, 5); // short: the file holds 5 bytes
+ * engine.close(); // the file stays with its owner
+ * reactor.stop();
+ * await running;
+ * reactor.close();
+ * ```
  */
 export class UringEngine implements BlkIoEngine {
   readonly name = "io_uring";

@@ -51,8 +51,19 @@ export type VmCopyUsable = { ok: true; size: number } | { ok: false; reason: str
  * refuse it), the file is a regular file not opened with O_DIRECT, and its size is a non-zero
  * multiple of the page size.
  * @example
- * const usable = vmCopyUsable(file);
- * if (!usable.ok) console.log(usable.reason);
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ftruncate, memfdCreate } from "../../../ffi/mod.ts";
+ *
+ * using file = memfdCreate("disk");
+ * ftruncate(file, 1000);
+ * assert.deepEqual(vmCopyUsable(file), {
+ *   ok: false,
+ *   reason: "memfd disk is 1000 bytes: expected a non-zero multiple of 4096",
+ * });
+ * ftruncate(file, 1 << 20);
+ * assert.deepEqual(vmCopyUsable(file), { ok: true, size: 1 << 20 });
+ * ```
  */
 export function vmCopyUsable(file: OwnedFd): VmCopyUsable {
   const probe = probeVmCopy();
@@ -79,9 +90,19 @@ const MAX_SEED_EXTENTS = 1 << 16;
  * The mapping of a backing file and, on tmpfs, its allocation map: one per device, shared by the
  * vmcopy engines of all its queues (so a discard on one queue is seen by reads on another).
  * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ftruncate, memfdCreate } from "../../../ffi/mod.ts";
+ *
+ * using file = memfdCreate("disk"); // tmpfs: the mapping gets an allocation map
+ * ftruncate(file, 1 << 20);
+ * file.write(new Uint8Array(4096).fill(1)); // one page of data at offset 0, the rest holes
  * const vm = VmCopyFile.open(file);
+ * assert.equal(vm.alloc?.allocated(0, 4096), true); // reads there copy through the mapping
  * vm.deallocated(0, 1 << 20); // after a discard
- * vm.close();
+ * assert.equal(vm.alloc?.allocated(0, 4096), false); // reads there go through preadv
+ * vm.close(); // the file stays with its owner
+ * ```
  */
 export class VmCopyFile {
   readonly file: OwnedFd;
@@ -167,10 +188,30 @@ function releaseHelper(): void {
  * Copies each run of queued reads (or writes) with one process_vm_readv (process_vm_writev) of up
  * to IOV_MAX iovecs a side; flushes and requests that faulted go through a PreadvEngine.
  * @example
- * const engine = VmCopyEngine.open(file);
- * engine.queue({ op: "read", offset: 0, iov, done: (n) => complete(n) });
- * engine.submit();
- * engine.close();
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ftruncate, IoVecs, mapShared, memfdCreate } from "../../../ffi/mod.ts";
+ *
+ * using file = memfdCreate("disk");
+ * ftruncate(file, 1 << 20);
+ * using guest = memfdCreate("guest");
+ * ftruncate(guest, 4096);
+ * using ram = mapShared(guest, 4096);
+ * ram.bytes.fill(7, 0, 512);
+ * const from = new IoVecs(1);
+ * from.push(ram, 0, 512);
+ * const into = new IoVecs(1);
+ * into.push(ram, 512, 512);
+ * const engine = VmCopyEngine.open(file); // maps the file for this engine alone
+ * const results: number[] = [];
+ * engine.queue({ op: "write", offset: 4096, iov: from, done: (n) => results.push(n) });
+ * engine.queue({ op: "read", offset: 4096, iov: into, done: (n) => results.push(n) });
+ * engine.submit(); // one process_vm_writev, then one process_vm_readv
+ * assert.deepEqual(results, [512, 512]);
+ * assert.equal(engine.copyCalls, 2);
+ * assert.deepEqual(ram.bytes.subarray(512, 1024), new Uint8Array(512).fill(7)); // read back
+ * engine.close(); // unmaps the file; the file stays with its owner
+ * ```
  */
 export class VmCopyEngine implements BlkIoEngine {
   readonly name = "vmcopy";

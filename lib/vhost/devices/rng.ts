@@ -18,7 +18,15 @@ export const RNG_TURN_BYTES = 1 << 20;
 
 /**
  * @example
- * const dev = new RngDevice();
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const dev = new RngDevice(); // one queue, no config space, no state until a queue starts
+ * assert.equal(dev.numQueues, 1);
+ * assert.deepEqual(dev.readConfig(0, 4), new Uint8Array(4));
+ * assert.throws(() => dev.writeConfig(0, new Uint8Array(1)), RangeError);
+ * dev.close();
+ * ```
  */
 export class RngDevice implements VhostUserDevice {
   readonly type = "rng";

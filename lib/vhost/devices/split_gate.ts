@@ -37,8 +37,19 @@ type Phase = "on" | "off" | "hold";
 
 /**
  * @example
- * const gate = new SplitGate();
- * if (gate.batch(performance.now(), requests.length) && requests.length >= 8) share();
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const gate = new SplitGate({ windowMs: 100, settleMs: 10 });
+ * let shared = 0;
+ * for (let t = 0; t < 250; t++) { // one batch a millisecond
+ *   const requests = gate.allowing ? 16 : 8; // here sharing serves twice as many
+ *   if (gate.batch(t, requests)) shared++; // this batch's copies may be shared with the helper
+ * }
+ * assert.equal(gate.phase, "hold"); // probed with and without sharing, then decided
+ * assert.equal(gate.sharing, true);
+ * assert.ok(shared > 100);
+ * ```
  */
 export class SplitGate {
   readonly windowMs: number;
