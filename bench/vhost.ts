@@ -813,7 +813,7 @@ export async function benchVhost(options: BenchVhostOptions = {}): Promise<void>
   );
   console.log(
     `Back-ends: mpq = ${mpqCmd} vhost blk --blk-file=F --socket-path=S --num-queues=N [--poll-us=0] ` +
-      `(defaults: engine auto = vmcopy with its helper thread, adaptive polling <= 32 µs, writethrough); ` +
+      `(defaults: engine auto = vmcopy with its helper thread, adaptive polling <= 128 µs, writethrough); ` +
       `libvhost-user = QEMU contrib vhost-user-blk -s S -b F (${
         contrib ?? "not built"
       }; one preadv/pwritev per request, no fdatasync: writeback; a fresh process per run, it serves one ` +

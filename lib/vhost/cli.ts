@@ -20,7 +20,7 @@ const COMMON = `  --socket-path=PATH      listen on this UNIX socket path
   --print-capabilities    print the vhost-user.json capabilities and exit
   --metrics=PATH          serve Prometheus metrics on this UNIX socket (SIGUSR1 logs a summary)
   --poll-us=N             busy-poll the rings after the last request, for an adaptive window of
-                          at most N microseconds (default 32, as QEMU IOThreads; 0: never poll)
+                          at most N microseconds (default 128; 0: never poll)
   -h, --help              this text`;
 
 /** Usage of `mpq vhost`. */
