@@ -341,61 +341,10 @@ export class Reactor {
    */
   async run(): Promise<void> {
     if (this.#running) throw new Error("Reactor.run() is already running");
-    if (this.#wakeMode === "block") return this.#runBlocking();
     this.#running = true;
-    // Up to SYNC_TURNS cheap synchronous looks in a row (under load events are usually waiting
-    // already), then one nonblocking wait, which also lets timers, signals and promises run.
-    const SYNC_TURNS = 64;
-    let turns = 0;
-    let lastYield = performance.now();
     try {
-      while (!this.#stopping) {
-        const busy = this.#pollers.size > 0 && this.#runPollers();
-        if (turns < SYNC_TURNS) {
-          let n = libc.epoll_wait(this.#ep.unsafeFd, this.#events, this.#max, 0);
-          if (n === -1) {
-            const e = lastErrno();
-            if (e !== 4 /* EINTR */) throw new ErrnoError("epoll_wait", e);
-            n = 0;
-          }
-          if (n > 0 || busy) {
-            turns++;
-            if (n > 0) this.#dispatch(n);
-            continue;
-          }
-        }
-        if (busy) {
-          // Busy-polling: keep turning without sleeping, but let timers, signals and promises run
-          // once a millisecond (a setImmediate hop costs ~6 µs; a worker-thread epoll_wait ~35).
-          const now = performance.now();
-          if (now - lastYield < 1) {
-            turns = 0;
-            continue;
-          }
-          await new Promise((r) => setImmediate(r));
-          lastYield = performance.now();
-          turns = 0;
-          continue;
-        }
-        this.#waker ??= makeWaker(this.#ep, this.#wakeMode as "auto" | "socket" | "thread");
-        if (this.#waker) {
-          // Sleep on the runtime's own event loop until epoll has events (at once if it has some:
-          // after SYNC_TURNS busy turns this is also the yield that lets timers and signals run),
-          // then look again synchronously.
-          await this.#waker.wait();
-          lastYield = performance.now();
-          turns = 0;
-          continue;
-        }
-        const n = await libc.epoll_wait_nb(
-          this.#ep.unsafeFd,
-          this.#events,
-          this.#max,
-          turns >= SYNC_TURNS ? 0 : -1,
-        );
-        turns = 0;
-        if (n > 0) this.#dispatch(n); // n < 0 is EINTR (errno is not readable from the worker thread)
-      }
+      if (this.#wakeMode === "block") await this.#loopBlocking();
+      else await this.#loopAsync();
     } finally {
       this.#running = false;
       for (const [sig, cb] of this.#signals.splice(0)) Deno.removeSignalListener(sig, cb);
@@ -407,41 +356,81 @@ export class Reactor {
     }
   }
 
+  /** The default loop: synchronous looks while events come, then sleeps through a waker. */
+  async #loopAsync(): Promise<void> {
+    // Up to SYNC_TURNS cheap synchronous looks in a row (under load events are usually waiting
+    // already), then one nonblocking wait, which also lets timers, signals and promises run.
+    const SYNC_TURNS = 64;
+    let turns = 0;
+    let lastYield = performance.now();
+    while (!this.#stopping) {
+      const busy = this.#pollers.size > 0 && this.#runPollers();
+      if (turns < SYNC_TURNS) {
+        const n = this.#waitSync(0);
+        if (n > 0 || busy) {
+          turns++;
+          if (n > 0) this.#dispatch(n);
+          continue;
+        }
+      }
+      if (busy) {
+        // Busy-polling: keep turning without sleeping, but let timers, signals and promises run
+        // once a millisecond (a setImmediate hop costs ~6 µs; a worker-thread epoll_wait ~35).
+        const now = performance.now();
+        if (now - lastYield < 1) {
+          turns = 0;
+          continue;
+        }
+        await new Promise((r) => setImmediate(r));
+        lastYield = performance.now();
+        turns = 0;
+        continue;
+      }
+      this.#waker ??= makeWaker(this.#ep, this.#wakeMode as "auto" | "socket" | "thread");
+      if (this.#waker) {
+        // Sleep on the runtime's own event loop until epoll has events (at once if it has some:
+        // after SYNC_TURNS busy turns this is also the yield that lets timers and signals run),
+        // then look again synchronously.
+        await this.#waker.wait();
+        lastYield = performance.now();
+        turns = 0;
+        continue;
+      }
+      const n = await libc.epoll_wait_nb(
+        this.#ep.unsafeFd,
+        this.#events,
+        this.#max,
+        turns >= SYNC_TURNS ? 0 : -1,
+      );
+      turns = 0;
+      if (n > 0) this.#dispatch(n); // n < 0 is EINTR (errno is not readable from the worker thread)
+    }
+  }
+
   /**
    * The "block" loop: callbacks run straight from a synchronous epoll_wait. Before the thread
    * sleeps (up to BLOCK_SLICE_MS) it makes one event-loop hop, so promise continuations, timers,
    * signals and messages run first; while busy, it makes one hop a millisecond. The hop is never on
    * the path from an fd event to its callback.
    */
-  async #runBlocking(): Promise<void> {
-    this.#running = true;
+  async #loopBlocking(): Promise<void> {
     let lastHop = performance.now();
     const hop = () => new Promise((r) => setImmediate(r));
-    try {
-      while (!this.#stopping) {
-        let busy = this.#pollers.size > 0 && this.#runPollers();
-        let n = this.#waitSync(0);
-        if (n === 0 && !busy) {
-          await hop();
-          lastHop = performance.now();
-          if (this.#stopping) break;
-          busy = this.#pollers.size > 0 && this.#runPollers();
-          n = this.#waitSync(busy ? 0 : BLOCK_SLICE_MS);
-        }
-        if (n > 0) this.#dispatch(n);
-        if (performance.now() - lastHop >= 1) {
-          await hop();
-          lastHop = performance.now();
-        }
+    while (!this.#stopping) {
+      let busy = this.#pollers.size > 0 && this.#runPollers();
+      let n = this.#waitSync(0);
+      if (n === 0 && !busy) {
+        await hop();
+        lastHop = performance.now();
+        if (this.#stopping) break;
+        busy = this.#pollers.size > 0 && this.#runPollers();
+        n = this.#waitSync(busy ? 0 : BLOCK_SLICE_MS);
       }
-    } finally {
-      this.#running = false;
-      for (const [sig, cb] of this.#signals.splice(0)) Deno.removeSignalListener(sig, cb);
-    }
-    if (this.#failure !== undefined) {
-      const f = this.#failure;
-      this.#failure = undefined;
-      throw f;
+      if (n > 0) this.#dispatch(n);
+      if (performance.now() - lastHop >= 1) {
+        await hop();
+        lastHop = performance.now();
+      }
     }
   }
 

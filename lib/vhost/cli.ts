@@ -7,6 +7,7 @@
 import { parseArgs } from "node:util";
 import { getpid } from "../../ffi/mod.ts";
 import { InputError, UsageError } from "../cli/errors.ts";
+import { intOption } from "../cli/options.ts";
 import { DEFAULT_POLL_US, VhostUserDaemon } from "./daemon.ts";
 import { DeviceOpenError, openDevice, type OpenedDevice } from "./device_factory.ts";
 import { type DeviceSpec, type Listen, MAX_QUEUES } from "./device_spec.ts";
@@ -54,15 +55,7 @@ const CAPABILITIES: Record<string, unknown> = {
 };
 
 function intArg(name: string, value: string | undefined, min: number, max: number): number | undefined {
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (!/^\d+$/.test(value) || !Number.isSafeInteger(n) || n < min || n > max) {
-    throw new UsageError(
-      `--${name} must be an integer in ${min}..${max}: got ${JSON.stringify(value)}`,
-      USAGE,
-    );
-  }
-  return n;
+  return intOption(name, value, { min, max, usage: USAGE });
 }
 
 /** QEMU's vhost-user-blk-pci asks for one queue per vCPU: offer as many as the host has CPUs. */

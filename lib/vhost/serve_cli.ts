@@ -5,6 +5,7 @@
  */
 import { parseArgs } from "node:util";
 import { InputError, UsageError } from "../cli/errors.ts";
+import { intOption } from "../cli/options.ts";
 import { DEFAULT_POLL_US } from "./daemon.ts";
 import { DeviceOpenError } from "./device_factory.ts";
 import {
@@ -47,18 +48,6 @@ Talks to the control socket of \`mpq vhost serve --control SOCKET\`.
   stop                 stop the server
   --json               print the reply as JSON
   -h, --help           this text`;
-
-function intFlag(name: string, value: string | undefined, min: number, max: number): number | undefined {
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (!/^\d+$/.test(value) || !Number.isSafeInteger(n) || n < min || n > max) {
-    throw new UsageError(
-      `--${name} must be an integer in ${min}..${max}: got ${JSON.stringify(value)}`,
-      SERVE_USAGE,
-    );
-  }
-  return n;
-}
 
 /** What a config file holds. */
 interface ServeConfig {
@@ -172,7 +161,8 @@ export async function serveMain(args: string[]): Promise<number> {
   } catch (e) {
     throw new UsageError((e as Error).message, SERVE_USAGE);
   }
-  const pollUs = intFlag("poll-us", v["poll-us"], 0, 10_000_000) ?? config.pollUs ?? DEFAULT_POLL_US;
+  const pollUs = intOption("poll-us", v["poll-us"], { min: 0, max: 10_000_000, usage: SERVE_USAGE }) ??
+    config.pollUs ?? DEFAULT_POLL_US;
   let server: VhostServer;
   try {
     server = new VhostServer({
