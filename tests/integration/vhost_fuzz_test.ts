@@ -15,8 +15,8 @@ import { CASE_KINDS, planFromJson } from "../../fuzz/vhost/steps.ts";
 const FIXED_SEED = 20250601;
 const RANDOM_SEED = Number(Deno.env.get("VHOST_FUZZ_SEED") ?? Math.floor(Math.random() * 2 ** 32));
 /** Messages and ring states per seed (split between blk and rng). */
-const MESSAGES = Number(Deno.env.get("VHOST_FUZZ_MESSAGES") ?? 2000);
-const RINGS = Number(Deno.env.get("VHOST_FUZZ_RINGS") ?? 200);
+const MESSAGES = Number(Deno.env.get("VHOST_FUZZ_MESSAGES") ?? 5000);
+const RINGS = Number(Deno.env.get("VHOST_FUZZ_RINGS") ?? 500);
 
 async function slice(seed: number): Promise<void> {
   const lines: string[] = [];
