@@ -51,6 +51,18 @@ async function complementDdmin<T>(items: T[], fails: (xs: T[]) => Promise<boolea
   return items;
 }
 
+/** `steps` with a kick after every ring state that no later kick of its queue follows. */
+export function withKicks(steps: readonly Step[]): Step[] {
+  const out: Step[] = [];
+  steps.forEach((s, i) => {
+    out.push(s);
+    if (s.op === "ring" && !steps.slice(i + 1).some((t) => t.op === "kick" && t.queue === s.queue)) {
+      out.push({ op: "kick", queue: s.queue });
+    }
+  });
+  return out;
+}
+
 /**
  * Minimizes `plan`; null when it does not fail at all (three tries).
  * @example
@@ -111,6 +123,10 @@ export async function minimizeCase(plan: CasePlan, options: MinimizeOptions): Pr
     );
     steps = withState({ ...s.state, descs, memory });
   }
+  // A ring state found by busy-polling needs no kick to fail, but a replay should not depend on
+  // that timing: kick every queue whose last ring state has none after it (kept if it still fails).
+  const kicked = withKicks(steps);
+  if (kicked.length !== steps.length && await fails(kicked)) steps = kicked;
   return {
     plan: { ...plan, tag: `${plan.tag} (minimized from ${plan.steps.length} steps)`, steps },
     kind,

@@ -191,6 +191,23 @@ function signatureKey(kind: FailureKind, key: string, stderr: readonly string[],
   return tagKey;
 }
 
+const SIGNALS: Record<number, string> = {
+  4: "SIGILL",
+  6: "SIGABRT",
+  7: "SIGBUS: a mapping touched past its file's end",
+  8: "SIGFPE",
+  9: "SIGKILL",
+  11: "SIGSEGV: an access to unmapped memory",
+  15: "SIGTERM",
+};
+
+/** "killed by signal 7" -> "killed by signal 7 (SIGBUS: ...)", as a shell would say exit 135. */
+function namedSignal(status: string): string {
+  const m = /signal (\d+)$/.exec(status);
+  const name = m ? SIGNALS[Number(m[1])] : undefined;
+  return name ? `${status} (${name}; a shell reports exit ${128 + Number(m![1])})` : status;
+}
+
 class Reporter {
   readonly failures: FuzzFailure[] = [];
   readonly #o: FuzzOptions;
@@ -590,15 +607,24 @@ class DeviceRun {
     if (over(snap)) this.#baseline = snap;
   }
 
-  async #crash(blame: Blame | null, status: string): Promise<void> {
+  async #crash(blame: Blame | null, exit: string): Promise<void> {
     this.figures.crashes++;
+    const status = namedSignal(exit);
     await this.#fail(
       "crash",
       blame,
       `mpq vhost ${this.#device} ${status}${blame ? ` after ${blame.label}` : ""}${
         blame?.plan ? ` (${blame.plan.tag})` : ""
       }`,
-      [`exit status: ${status}`],
+      [
+        `exit status: ${status}`,
+        ...(blame?.result?.atStep === 0 && blame.plan
+          ? [
+            `the daemon was gone before this case's first message took effect: an earlier case left it dying ` +
+            `(replay a range: --case ${Math.max(0, blame.plan.caseNo - 5)}-${blame.plan.caseNo})`,
+          ]
+          : []),
+      ],
       status,
     );
     await this.#restart();
