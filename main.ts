@@ -4,6 +4,7 @@
  */
 import { InputError, UsageError } from "./lib/cli/errors.ts";
 import { VERSION } from "./lib/version.ts";
+import { DEVICE_THREAD_NAME } from "./lib/vhost/thread_name.ts";
 
 type Command = { summary: string; main: (args: string[]) => Promise<number> };
 
@@ -75,4 +76,9 @@ async function main(args: string[]): Promise<number> {
   }
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if ((globalThis as { name?: string }).name === DEVICE_THREAD_NAME) {
+  // This program started as a `mpq vhost serve` device thread (a Worker on this same module).
+  await (await import("./lib/vhost/device_thread.ts")).threadMain();
+} else if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}

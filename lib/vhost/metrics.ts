@@ -51,6 +51,13 @@ export class QueueMetrics {
   }
 }
 
+/** One metric family: its HELP and TYPE lines and its samples. */
+export interface MetricFamily {
+  name: string;
+  head: string[];
+  samples: string[];
+}
+
 /**
  * The metrics of one daemon.
  * @example
@@ -124,10 +131,31 @@ export class Metrics {
    * ```
    */
   static renderAll(list: readonly Metrics[]): string {
+    return Metrics.renderFamilies([Metrics.families(list)]);
+  }
+
+  /**
+   * The metric families of several daemons as plain data (sent from a device thread to the
+   * control thread, which merges them with renderFamilies).
+   */
+  static families(list: readonly Metrics[]): MetricFamily[] {
     const families = new Map<string, { head: string[]; samples: string[] }>();
     for (const m of list) m.#collect(families);
+    return [...families.entries()].map(([name, f]) => ({ name, head: f.head, samples: f.samples }));
+  }
+
+  /** One exposition from families collected in several places: each family's HELP and TYPE once. */
+  static renderFamilies(groups: readonly (readonly MetricFamily[])[]): string {
+    const merged = new Map<string, { head: string[]; samples: string[] }>();
+    for (const g of groups) {
+      for (const f of g) {
+        const m = merged.get(f.name);
+        if (m) m.samples.push(...f.samples);
+        else merged.set(f.name, { head: [...f.head], samples: [...f.samples] });
+      }
+    }
     const lines: string[] = [];
-    for (const f of families.values()) lines.push(...f.head, ...f.samples);
+    for (const f of merged.values()) lines.push(...f.head, ...f.samples);
     return lines.join("\n") + "\n";
   }
 
@@ -219,7 +247,10 @@ export class MetricsServer {
   readonly #listener: UnixListener;
   readonly #watch: Watch;
 
-  constructor(path: string, options: { reactor: Reactor; metrics: Metrics | (() => string) }) {
+  constructor(
+    path: string,
+    options: { reactor: Reactor; metrics: Metrics | (() => string | Promise<string>) },
+  ) {
     const { reactor, metrics } = options;
     const render = typeof metrics === "function" ? metrics : () => metrics.render();
     this.#listener = listenUnix(path);
@@ -227,19 +258,29 @@ export class MetricsServer {
       for (;;) {
         const conn = this.#listener.accept();
         if (!conn) return;
-        try {
-          const text = new TextEncoder().encode(render());
-          let off = 0;
-          while (off < text.byteLength) {
-            const n = conn.sendMsg(text.subarray(off));
-            if (n === null || n === 0) break;
-            off += n;
+        const send = (body: string) => {
+          try {
+            const text = new TextEncoder().encode(body);
+            let off = 0;
+            while (off < text.byteLength) {
+              const n = conn.sendMsg(text.subarray(off));
+              if (n === null || n === 0) break;
+              off += n;
+            }
+          } catch {
+            /* the scraper went away */
+          } finally {
+            conn.close();
           }
-        } catch {
-          /* the scraper went away */
-        } finally {
-          conn.close();
+        };
+        let out: string | Promise<string>;
+        try {
+          out = render();
+        } catch (e) {
+          out = `# metrics unavailable: ${(e as Error).message}\n`;
         }
+        if (typeof out === "string") send(out);
+        else out.then(send, (e) => send(`# metrics unavailable: ${(e as Error).message}\n`));
       }
     });
   }

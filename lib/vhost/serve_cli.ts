@@ -33,6 +33,8 @@ Serves several vhost-user devices from one process (each on its own socket or in
   --control PATH       a JSON-lines control socket (mode 0600): list, add, remove, stop (mpq vhost ctl)
   --metrics PATH       every device's Prometheus metrics, labelled device="ID"
   --poll-us N          adaptive busy-poll window maximum per device, µs (default ${DEFAULT_POLL_US}; 0: off)
+  --threads N          device threads, each sleeping in its own epoll_wait; devices are spread over them
+                         (default 0: all devices on the main thread, with the control and metrics sockets)
   -h, --help           this text
 
 Ids default to the type and position (blk0, rng1). blk num-queues defaults to the host's CPU count.`;
@@ -119,6 +121,7 @@ export async function serveMain(args: string[]): Promise<number> {
         control: { type: "string" },
         metrics: { type: "string" },
         "poll-us": { type: "string" },
+        threads: { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -173,6 +176,7 @@ export async function serveMain(args: string[]): Promise<number> {
       trace: Deno.env.get("MPQ_VHOST_TRACE") === "1",
       defaultQueues: queues,
       wake: reactorWake(),
+      threads: intOption("threads", v.threads, { min: 0, max: 64, usage: SERVE_USAGE }) ?? 0,
     });
   } catch (e) {
     throw new InputError((e as Error).message);
@@ -180,21 +184,21 @@ export async function serveMain(args: string[]): Promise<number> {
   try {
     for (const spec of specs) {
       try {
-        server.add(spec);
+        await server.add(spec);
       } catch (e) {
         const field = e instanceof DeviceOpenError ? ` ${e.field}` : "";
         throw new InputError(`device ${spec.id}${field}: ${(e as Error).message}`);
       }
     }
   } catch (e) {
-    server.close();
+    await server.close();
     throw e;
   }
   if (control) console.error(`mpq vhost serve: control socket ${control}`);
   try {
     await server.run();
   } finally {
-    server.close();
+    await server.close();
   }
   return 0;
 }

@@ -10,6 +10,7 @@ import { Reactor, type ReactorOptions } from "../../ffi/mod.ts";
 import { type ControlCommand, ControlServer } from "./control.ts";
 import { VhostUserDaemon } from "./daemon.ts";
 import { openDevice, type OpenedDevice } from "./device_factory.ts";
+import { DeviceThread, type ThreadDeviceStatus } from "./device_thread.ts";
 import {
   checkUnique,
   type DeviceSpec,
@@ -37,6 +38,11 @@ export interface ServerOptions {
   defaultQueues?: number;
   /** How the reactor sleeps (default "auto"; the CLI uses "block": see ReactorOptions.wake). */
   wake?: ReactorOptions["wake"];
+  /**
+   * Device threads (Workers, each sleeping in its own epoll_wait): devices are spread over them,
+   * the fewest first. 0 (default): every device on this thread's reactor.
+   */
+  threads?: number;
 }
 
 /** What `list` says of a device. */
@@ -51,13 +57,14 @@ export interface DeviceStatus {
   connections: number;
   requests: number;
   describe: string;
+  /** The device thread serving it (with --threads). */
+  thread?: number;
 }
 
-interface Served {
-  opened: OpenedDevice;
-  daemon: VhostUserDaemon;
-  removing: boolean;
-}
+/** A device served on this thread's reactor, or on a device thread. */
+type Served =
+  & { spec: DeviceSpec; describe: string; removing: boolean }
+  & ({ daemon: VhostUserDaemon; thread: null } | { daemon: null; thread: DeviceThread });
 
 /**
  * @example
@@ -69,13 +76,13 @@ interface Served {
  * Deno.writeFileSync(`${dir}/disk.img`, new Uint8Array(1 << 20));
  * const server = new VhostServer({ controlPath: `${dir}/vhost.ctl`, log: () => {} }); // default: stderr
  * const devices = [`blk,file=${dir}/disk.img,socket=${dir}/d0.sock`, `rng,socket=${dir}/r1.sock`];
- * devices.forEach((d, index) => server.add(parseDeviceArg(d, { defaultQueues: 1, index })));
+ * for (const [index, d] of devices.entries()) await server.add(parseDeviceArg(d, { defaultQueues: 1, index }));
  * const running = server.run(); // until stop(), SIGTERM with { signals: true }, or the "stop" command
  * await server.remove("rng1"); // while the others serve
- * assert.deepEqual(server.list().map((d) => d.id), ["blk0"]);
+ * assert.deepEqual((await server.list()).map((d) => d.id), ["blk0"]);
  * server.stop();
  * await running;
- * server.close(); // every device, the control socket and the reactor
+ * await server.close(); // every device, the control socket and the reactor
  * Deno.removeSync(dir, { recursive: true });
  * ```
  */
@@ -84,6 +91,8 @@ export class VhostServer {
   readonly #opts: ServerOptions;
   readonly #log: (line: string) => void;
   readonly #devices = new Map<string, Served>();
+  readonly #threads: DeviceThread[] = [];
+  #threadsStarting: Promise<void> | null = null;
   #metrics: MetricsServer | null = null;
   #control: ControlServer | null = null;
   #added = 0;
@@ -99,7 +108,7 @@ export class VhostServer {
       if (options.metricsPath) {
         this.#metrics = new MetricsServer(options.metricsPath, {
           reactor: this.reactor,
-          metrics: () => Metrics.renderAll([...this.#devices.values()].map((s) => s.daemon.metrics)),
+          metrics: () => this.#renderMetrics(),
         });
       }
       if (options.controlPath) {
@@ -118,42 +127,105 @@ export class VhostServer {
       this.reactor.onSignal("SIGTERM", () => this.stop());
       this.reactor.onSignal("SIGINT", () => this.stop());
       this.reactor.onSignal("SIGUSR1", () => {
-        for (const s of this.#devices.values()) this.#log(s.daemon.metrics.summary());
+        for (const s of this.#devices.values()) if (s.daemon) this.#log(s.daemon.metrics.summary());
+        for (const t of this.#threads) t.summaries().then((ls) => ls.forEach(this.#log), () => {});
       });
     }
   }
 
-  /** The devices, in the order they were added. */
-  list(): DeviceStatus[] {
-    return [...this.#devices.values()].map((s) => this.#status(s));
+  #renderMetrics(): string | Promise<string> {
+    const local = Metrics.families(
+      [...this.#devices.values()].flatMap((s) => s.daemon ? [s.daemon.metrics] : []),
+    );
+    if (this.#threads.length === 0) return Metrics.renderFamilies([local]);
+    return Promise.all(this.#threads.map((t) => t.metrics())).then((g) =>
+      Metrics.renderFamilies([local, ...g])
+    );
   }
 
-  #status(s: Served): DeviceStatus {
-    const spec = s.opened.spec;
-    const m = s.daemon.metrics;
-    return {
-      id: spec.id,
-      type: spec.type,
-      spec: formatDeviceArg(spec),
-      listen: "socket" in spec.listen ? spec.listen.socket : `fd ${spec.listen.fd}`,
-      connected: s.daemon.connected,
-      connections: m.connections,
-      requests: m.queues.reduce((n, q) => n + q.requests, 0),
-      describe: s.opened.describe,
-    };
+  /** The devices, in the order they were added. */
+  async list(): Promise<DeviceStatus[]> {
+    const onThreads = new Map<string, ThreadDeviceStatus>();
+    for (const t of this.#threads) for (const st of await t.status()) onThreads.set(st.id, st);
+    return [...this.#devices.values()].map((s) => {
+      const spec = s.spec;
+      const live = s.daemon
+        ? {
+          connected: s.daemon.connected,
+          connections: s.daemon.metrics.connections,
+          requests: s.daemon.metrics.queues.reduce((n, q) => n + q.requests, 0),
+        }
+        : onThreads.get(spec.id) ?? { connected: false, connections: 0, requests: 0 };
+      return {
+        id: spec.id,
+        type: spec.type,
+        spec: formatDeviceArg(spec),
+        listen: "socket" in spec.listen ? spec.listen.socket : `fd ${spec.listen.fd}`,
+        connected: live.connected,
+        connections: live.connections,
+        requests: live.requests,
+        describe: s.describe,
+        ...(s.thread ? { thread: s.thread.index } : {}),
+      };
+    });
+  }
+
+  async #startThreads(): Promise<void> {
+    const n = this.#opts.threads ?? 0;
+    if (n <= 0 || this.#threads.length > 0) return;
+    this.#threadsStarting ??= (async () => {
+      for (let i = 0; i < n; i++) {
+        this.#threads.push(
+          await DeviceThread.start(i, { pollUs: this.#opts.pollUs, trace: this.#opts.trace }),
+        );
+      }
+    })();
+    await this.#threadsStarting;
   }
 
   /**
-   * Opens and serves one more device; throws (leaving nothing open) when its id, socket or fd is
-   * taken or what it names cannot be opened.
+   * Opens and serves one more device (on the device thread with the fewest devices, when there are
+   * threads); throws (leaving nothing open) when its id, socket or fd is taken or what it names
+   * cannot be opened.
    */
-  add(spec: DeviceSpec): DeviceStatus {
-    checkUnique([...[...this.#devices.values()].map((s) => s.opened.spec), spec]);
-    const opened = openDevice(spec);
-    let daemon: VhostUserDaemon;
+  async add(spec: DeviceSpec): Promise<DeviceStatus> {
+    checkUnique([...[...this.#devices.values()].map((s) => s.spec), spec]);
+    await this.#startThreads();
+    // Taken now, so a concurrent add of the same id or socket is refused while this one opens.
+    const placeholder: Served = { spec, describe: "", removing: true, daemon: null, thread: null as never };
+    this.#devices.set(spec.id, placeholder);
+    let served: Served;
     try {
-      const id = spec.id;
-      daemon = new VhostUserDaemon(opened.device, opened.listener, {
+      if (this.#threads.length > 0) {
+        const thread = this.#threads.reduce((a, b) => b.ids.size < a.ids.size ? b : a);
+        const st = await thread.add(spec);
+        served = { spec, describe: st.describe, removing: false, daemon: null, thread };
+      } else {
+        const opened = openDevice(spec);
+        served = {
+          spec,
+          describe: opened.describe,
+          removing: false,
+          daemon: this.#serveHere(opened),
+          thread: null,
+        };
+      }
+    } catch (e) {
+      this.#devices.delete(spec.id);
+      throw e;
+    }
+    this.#devices.set(spec.id, served);
+    this.#added++;
+    const where = served.thread ? ` (thread ${served.thread.index})` : "";
+    const listen = "socket" in spec.listen ? spec.listen.socket : `fd ${spec.listen.fd}`;
+    this.#log(`mpq vhost ${spec.id}: ${spec.type} ${served.describe}, listening on ${listen}${where}`);
+    return (await this.list()).find((d) => d.id === spec.id)!;
+  }
+
+  #serveHere(opened: OpenedDevice): VhostUserDaemon {
+    const id = opened.spec.id;
+    try {
+      return new VhostUserDaemon(opened.device, opened.listener, {
         reactor: this.reactor,
         label: id,
         pollUs: this.#opts.pollUs,
@@ -165,12 +237,6 @@ export class VhostServer {
       opened.device.close();
       throw e;
     }
-    const served: Served = { opened, daemon, removing: false };
-    this.#devices.set(spec.id, served);
-    this.#added++;
-    const st = this.#status(served);
-    this.#log(`mpq vhost ${spec.id}: ${spec.type} ${opened.describe}, listening on ${st.listen}`);
-    return st;
   }
 
   /**
@@ -184,15 +250,18 @@ export class VhostServer {
         `no device ${JSON.stringify(id)} (devices: ${[...this.#devices.keys()].join(", ") || "none"})`,
       );
     }
-    if (s.daemon.connected && !options.force) {
+    if (s.daemon?.connected && !options.force) {
       throw new Error(`${id} has a connected front-end: detach it first, or remove with force`);
     }
     s.removing = true;
     try {
-      await s.daemon.shutdown("device removed");
-    } finally {
-      this.#devices.delete(id);
+      if (s.daemon) await s.daemon.shutdown("device removed");
+      else await s.thread.remove(id, options.force === true);
+    } catch (e) {
+      s.removing = false;
+      throw e;
     }
+    this.#devices.delete(id);
     this.#log(`mpq vhost ${id}: removed`);
   }
 
@@ -237,9 +306,15 @@ export class VhostServer {
     this.reactor.stop();
   }
 
-  /** Closes every device, the control and metrics sockets and the reactor (after run() resolved). */
-  close(): void {
-    for (const s of this.#devices.values()) s.daemon.close();
+  /**
+   * Closes every device (and device thread), the control and metrics sockets and the reactor
+   * (after run() resolved).
+   */
+  async close(): Promise<void> {
+    await this.#threadsStarting?.catch(() => {});
+    for (const s of this.#devices.values()) s.daemon?.close();
+    await Promise.all(this.#threads.map((t) => t.stop()));
+    this.#threads.length = 0;
     this.#devices.clear();
     this.#control?.close();
     this.#metrics?.close();

@@ -494,3 +494,84 @@ Deno.test("vhost serve: bad --device, --config and clashes exit 1 naming what wa
     await fe.stop();
   });
 });
+
+Deno.test("vhost serve --threads 2: devices spread over device threads, each with verified I/O; control and metrics span the threads", async () => {
+  await withEnv(3, async (env) => {
+    const child = await env.start([
+      "--threads=2",
+      "--device",
+      `blk,id=d0,file=${env.disks[0]},socket=${env.sock("d0")},num-queues=2`,
+      "--device",
+      `blk,id=d1,file=${env.disks[1]},socket=${env.sock("d1")},num-queues=1`,
+      "--device",
+      `rng,id=r0,socket=${env.sock("r0")}`,
+      `--control=${env.control}`,
+      `--metrics=${env.metrics}`,
+    ]);
+    await until("every device listens", () => (env.log().match(/listening on/g) ?? []).length === 3);
+    const threads = Number(Deno.readTextFileSync(`/proc/${child.pid}/status`).match(/Threads:\s+(\d+)/)![1]);
+    assert.ok(threads >= 4, `device threads are running (${threads} threads)`);
+    assert.match(env.log(), /d0: .*\(thread 0\)/);
+    assert.match(env.log(), /d1: .*\(thread 1\)/);
+    assert.match(env.log(), /r0: .*\(thread 0\)/, "the thread with the fewest devices gets the next one");
+    {
+      await using a = await VhostUserFrontend.connect(env.sock("d0"), { queues: 2 });
+      await using b = await VhostUserFrontend.connect(env.sock("d1"));
+      await using r = await VhostUserFrontend.connect(env.sock("r0"), { device: "rng" });
+      for (const fe of [a, b, r]) await fe.handshake();
+      for (const fe of [a, b, r]) await fe.start();
+      for (let round = 0; round < 4; round++) {
+        await Promise.all([
+          blkRoundTrip(a, env.disks[0], 100 + 64 * round, 60 + round),
+          blkRoundTrip(b, env.disks[1], 100 + 64 * round, 70 + round),
+          r.rngRead(64).then((x) => assert.equal(x.len, 64)),
+        ]);
+      }
+      // Adding at runtime: the new device goes to the thread with the fewest devices (thread 1).
+      const added = await controlRequest(env.control, "add", {
+        device: `blk,id=d2,file=${env.disks[2]},socket=${env.sock("d2")},num-queues=1`,
+      });
+      assert.equal(added.ok, true, added.error);
+      assert.equal((added.result as { thread: number }).thread, 1);
+      await using c = await VhostUserFrontend.connect(env.sock("d2"));
+      await c.handshake();
+      await c.start();
+      await blkRoundTrip(c, env.disks[2], 300, 80);
+      const rows = (await controlRequest(env.control, "list")).result as Array<
+        { id: string; thread: number; connected: boolean; requests: number }
+      >;
+      assert.deepEqual(rows.map((x) => [x.id, x.thread, x.connected]), [
+        ["d0", 0, true],
+        ["d1", 1, true],
+        ["r0", 0, true],
+        ["d2", 1, true],
+      ]);
+      assert.equal(rows.find((x) => x.id === "d1")!.requests, 8);
+      const text = scrape(env.metrics);
+      assert.equal(
+        text.match(/^# HELP mpq_vhost_requests_total /gm)?.length,
+        1,
+        "one HELP per family across threads",
+      );
+      assert.match(text, /mpq_vhost_requests_total\{device="d1",queue="0"\} 8\n/);
+      assert.match(text, /mpq_vhost_requests_total\{device="r0",queue="0"\} 4\n/);
+      assert.match(text, /mpq_vhost_requests_total\{device="d2",queue="0"\} 2\n/);
+      const busy = await controlRequest(env.control, "remove", { id: "d2" });
+      assert.match(busy.error!, /d2 has a connected front-end/);
+      assert.equal((await controlRequest(env.control, "remove", { id: "d2", force: true })).ok, true);
+      await until("d2's front-end is disconnected", () => !c.connected);
+      assert.equal(exists(env.sock("d2")), false);
+      const missing = await controlRequest(env.control, "add", {
+        device: `blk,id=d9,file=${env.dir}/missing.img,socket=${env.sock("d9")}`,
+      });
+      assert.match(missing.error!, /missing\.img: open .*ENOENT/, "a failed add on a thread says why");
+      for (const fe of [a, b, r]) await fe.stop();
+    }
+    assert.equal((await controlRequest(env.control, "stop")).ok, true);
+    const st = await child.wait();
+    assert.equal(st.code, 0, env.log());
+    for (const n of ["d0", "d1", "r0", "d9"]) {
+      assert.equal(exists(env.sock(n)), false, `${n}'s socket is removed`);
+    }
+  });
+});
