@@ -19,3 +19,24 @@ export function pattern(n: number, seed: number): Uint8Array<ArrayBuffer> {
   }
   return out;
 }
+
+/**
+ * Asserts two byte arrays are equal, naming the first differing offset. (node:assert's deepEqual
+ * diffs whole arrays: on 64 KiB of mismatching data its message takes minutes and gigabytes.)
+ * @example
+ * assertSameBytes(readBack, written, "sector 8");
+ */
+export function assertSameBytes(actual: Uint8Array, expected: Uint8Array, what = "bytes"): void {
+  if (actual.byteLength !== expected.byteLength) {
+    throw new Error(`${what}: ${actual.byteLength} bytes, expected ${expected.byteLength}`);
+  }
+  for (let i = 0; i < actual.byteLength; i++) {
+    if (actual[i] !== expected[i]) {
+      throw new Error(
+        `${what}: byte ${i} of ${actual.byteLength} is 0x${actual[i].toString(16)}, expected 0x${
+          expected[i].toString(16)
+        }`,
+      );
+    }
+  }
+}

@@ -7,6 +7,7 @@
  * verified I/O. Rings and buffers above 4 GiB inside one 6 GiB region are tested here too.
  */
 import assert from "node:assert/strict";
+import { assertSameBytes } from "../helpers/pattern.ts";
 import {
   type ChildProcess,
   connectUnix,
@@ -144,8 +145,8 @@ async function expectGood(d: Daemon, tag: string, options: FrontendOptions = {})
   await fe.start();
   const data = patternBytes(16384, 99);
   assert.equal((await fe.blkWrite(800, data)).status, Blk.S_OK, tag);
-  assert.deepEqual((await fe.blkRead(800, 16384)).data, data, tag);
-  assert.deepEqual(readFileRange(d.file, 800 * 512, 16384), data, tag);
+  assertSameBytes((await fe.blkRead(800, 16384)).data, data, tag);
+  assertSameBytes(readFileRange(d.file, 800 * 512, 16384), data, tag);
   await fe.stop();
 }
 
@@ -280,7 +281,7 @@ Deno.test("vhost blk refuses a SET_INFLIGHT_FD memfd smaller than the area it de
       await fe.start();
       const data = patternBytes(8192, 5);
       assert.equal((await fe.blkWrite(64, data)).status, Blk.S_OK);
-      assert.deepEqual((await fe.blkRead(64, 8192)).data, data);
+      assertSameBytes((await fe.blkRead(64, 8192)).data, data);
       await fe.stop();
     }
     await expectGood(d, "after a short inflight memfd");
@@ -378,6 +379,16 @@ Deno.test("vhost blk drops a ring's views when a new memory table no longer hold
   });
 });
 
+/** Requests of queue 0 the daemon has taken: completed (used) plus marked in flight (inflight area). */
+function taken(fe: VhostUserFrontend): number {
+  const q = fe.queues[0];
+  const region = fe.inflight!;
+  const v = new DataView(region.map.bytes.buffer);
+  let marked = 0;
+  for (let i = 0; i < q.ring.size; i++) if (v.getUint8(16 + 16 * i) === 1) marked++;
+  return q.ring.usedIdx() + marked;
+}
+
 /** 32 writes of 64 KiB in flight (io_uring on /dev/shm completes them outside the kick). */
 function writes(fe: VhostUserFrontend, n = 32, seed = 40): { done: Promise<number[]>; data: Uint8Array[] } {
   const data: Uint8Array[] = [];
@@ -417,7 +428,7 @@ Deno.test("vhost blk writethrough: GET_VRING_BASE answers only after every write
       fe.poll(q);
       assert.deepEqual(await w.done, new Array(32).fill(Blk.S_OK));
       for (let i = 0; i < 32; i++) {
-        assert.deepEqual(readFileRange(d.file, (1024 + 128 * i) * 512, 65536), w.data[i], `write ${i}`);
+        assertSameBytes(readFileRange(d.file, (1024 + 128 * i) * 512, 65536), w.data[i], `write ${i}`);
       }
     }
     assert.doesNotMatch(d.log(), /still in flight/);
@@ -435,13 +446,16 @@ Deno.test("vhost blk writethrough: a front-end vanishing mid-write does not cras
       const w = writes(fe, 32, 100 + 32 * round);
       await sleep(0);
       assert.equal(fe.queues[0].ring.publishedIdx, 32);
-      await fe.close(); // the socket goes away with 32 writes in flight
+      // The daemon has taken every write (completed, or marked in flight in the inflight area);
+      // a front-end gone before the daemon even saw its kick leaves requests the next one resubmits.
+      await until("the daemon took the 32 writes", () => taken(fe) === 32);
+      await fe.close(); // the socket goes away with the writes in flight
       w.done.catch(() => {});
       data.splice(0, data.length, ...w.data);
       // The next front-end is served only after the writes drained: they are all in the file.
       await expectGood(d, `after a front-end vanished mid-write (round ${round})`);
       for (let i = 0; i < 32; i++) {
-        assert.deepEqual(readFileRange(d.file, (1024 + 128 * i) * 512, 65536), data[i], `write ${i}`);
+        assertSameBytes(readFileRange(d.file, (1024 + 128 * i) * 512, 65536), data[i], `write ${i}`);
       }
     }
   });
@@ -470,7 +484,7 @@ Deno.test("vhost blk keeps a replaced mapping only until the I/O popped before t
         assert.deepEqual(await w.done, new Array(32).fill(Blk.S_OK));
         await until("the retired mapping is released", () => ramMappings(d.child) === 1);
         for (let i = 0; i < 32; i++) {
-          assert.deepEqual(readFileRange(d.file, (1024 + 128 * i) * 512, 65536), w.data[i]);
+          assertSameBytes(readFileRange(d.file, (1024 + 128 * i) * 512, 65536), w.data[i]);
         }
       }
       assert.ok(most <= 2, `at most the current and one retired mapping: saw ${most}`);
@@ -548,8 +562,8 @@ for (const engine of ["auto", "preadv"]) {
         for (let i = 0; i < 8; i++) {
           const data = patternBytes(65536, 500 + i);
           assert.equal((await fe.blkWrite(2048 + 128 * i, data)).status, Blk.S_OK);
-          assert.deepEqual((await fe.blkRead(2048 + 128 * i, 65536)).data, data);
-          assert.deepEqual(readFileRange(d.file, (2048 + 128 * i) * 512, 65536), data);
+          assertSameBytes((await fe.blkRead(2048 + 128 * i, 65536)).data, data);
+          assertSameBytes(readFileRange(d.file, (2048 + 128 * i) * 512, 65536), data);
         }
         // Nothing was written 4 GiB below the ring (where a 32-bit index would land).
         const low = fe.ram.offset(fe.queues[0].ring.descGpa) - 4 * 2 ** 30;

@@ -5,6 +5,7 @@
  * control requests refused with errors naming what was wrong.
  */
 import assert from "node:assert/strict";
+import { assertSameBytes } from "../helpers/pattern.ts";
 import { type ChildProcess, connectUnix, OpenFlags, openPath, Signal, spawn } from "../../ffi/mod.ts";
 import { selfCommand } from "../../lib/cli/self.ts";
 import { controlRequest } from "../../lib/vhost/serve_cli.ts";
@@ -117,8 +118,8 @@ async function blkRoundTrip(
 ): Promise<void> {
   const data = patternBytes(32768, seed);
   assert.equal((await fe.blkWrite(sector, data)).status, Blk.S_OK);
-  assert.deepEqual((await fe.blkRead(sector, 32768)).data, data);
-  assert.deepEqual(readFileRange(file, sector * 512, 32768), data);
+  assertSameBytes((await fe.blkRead(sector, 32768)).data, data);
+  assertSameBytes(readFileRange(file, sector * 512, 32768), data);
 }
 
 async function mpqCtl(args: string[]): Promise<{ code: number; out: string; err: string }> {
@@ -158,8 +159,8 @@ Deno.test("vhost serve: two disks and an rng in one process, each front-end with
     ]);
     const d0 = patternBytes(8192, 3);
     assert.equal((await a.blkWrite(300, d0, 1)).status, Blk.S_OK, "d0's second queue");
-    assert.deepEqual(readFileRange(env.disks[0], 300 * 512, 8192), d0);
-    assert.deepEqual(
+    assertSameBytes(readFileRange(env.disks[0], 300 * 512, 8192), d0);
+    assertSameBytes(
       readFileRange(env.disks[1], 300 * 512, 8192),
       patternBytes(1 << 20, 10).subarray(300 * 512, 300 * 512 + 8192),
       "d1 untouched there",
@@ -247,12 +248,12 @@ Deno.test("vhost serve: after kill -9, a restarted serve resubmits each device's
     await b.resume();
     for (const r of await Promise.all(writes)) assert.equal(r.status, Blk.S_OK);
     for (let i = 0; i < 32; i++) {
-      assert.deepEqual(
+      assertSameBytes(
         readFileRange(env.disks[0], i * 128 * 512, 65536),
         patternBytes(65536, 400 + i),
         `d0 write ${i}`,
       );
-      assert.deepEqual(
+      assertSameBytes(
         readFileRange(env.disks[1], i * 128 * 512, 65536),
         patternBytes(65536, 500 + i),
         `d1 write ${i}`,
