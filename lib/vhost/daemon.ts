@@ -52,6 +52,13 @@ export interface DaemonOptions {
   wake?: ReactorOptions["wake"];
 }
 
+/** A daemon's front-end and request counts. */
+export interface DaemonActivity {
+  connected: boolean;
+  connections: number;
+  requests: number;
+}
+
 /**
  * @example
  * ```ts
@@ -133,6 +140,16 @@ export class VhostUserDaemon {
   /** Whether a front-end is connected. */
   get connected(): boolean {
     return this.#conn !== null;
+  }
+
+  /** What `mpq vhost serve`'s list reports of the device while it serves. */
+  get activity(): DaemonActivity {
+    const m = this.metrics;
+    return {
+      connected: this.connected,
+      connections: m.connections,
+      requests: m.queues.reduce((n, q) => n + q.requests, 0),
+    };
   }
 
   #watchListener(): void {

@@ -4,8 +4,16 @@
  * `mpq vhost serve` and the control socket's `add`.
  * @module
  */
-import { adoptListener, isListeningSocket, listenUnix, OwnedFd, type UnixListener } from "../../ffi/mod.ts";
+import {
+  adoptListener,
+  isListeningSocket,
+  listenUnix,
+  OwnedFd,
+  type Reactor,
+  type UnixListener,
+} from "../../ffi/mod.ts";
 import type { VhostUserDevice } from "./backend.ts";
+import { VhostUserDaemon } from "./daemon.ts";
 import type { DeviceSpec, Listen } from "./device_spec.ts";
 import { BlkDevice, openBlkFile } from "./devices/blk.ts";
 import { RngDevice } from "./devices/rng.ts";
@@ -81,6 +89,36 @@ export function openDevice(spec: DeviceSpec): OpenedDevice {
     return { spec, device, listener: openListener(spec.listen), describe };
   } catch (e) {
     device.close();
+    throw e;
+  }
+}
+
+/** How a device is served on a shared reactor (`mpq vhost serve`). */
+export interface ServeOptions {
+  reactor: Reactor;
+  pollUs?: number;
+  trace?: boolean;
+  /** Where its log lines go; they are prefixed with the device id. */
+  log: (line: string) => void;
+}
+
+/**
+ * Serves an opened device on a shared reactor, its metrics and log lines labelled with its id;
+ * closes the device and its listener when that fails.
+ */
+export function serveOpened(opened: OpenedDevice, options: ServeOptions): VhostUserDaemon {
+  const id = opened.spec.id;
+  try {
+    return new VhostUserDaemon(opened.device, opened.listener, {
+      reactor: options.reactor,
+      label: id,
+      pollUs: options.pollUs,
+      trace: options.trace,
+      log: (l) => options.log(l.replace(/^mpq vhost: /, `mpq vhost ${id}: `)),
+    });
+  } catch (e) {
+    opened.listener.close();
+    opened.device.close();
     throw e;
   }
 }

@@ -9,18 +9,15 @@
  * @module
  */
 import { Reactor } from "../../ffi/mod.ts";
-import { VhostUserDaemon } from "./daemon.ts";
-import { DeviceOpenError, openDevice, type OpenedDevice } from "./device_factory.ts";
+import type { DaemonActivity, VhostUserDaemon } from "./daemon.ts";
+import { DeviceOpenError, openDevice, type OpenedDevice, serveOpened } from "./device_factory.ts";
 import type { DeviceSpec } from "./device_spec.ts";
 import { type MetricFamily, Metrics } from "./metrics.ts";
 import { DEVICE_THREAD_NAME } from "./thread_name.ts";
 
 /** What `list` reports of a device (computed on its thread). */
-export interface ThreadDeviceStatus {
+export interface ThreadDeviceStatus extends DaemonActivity {
   id: string;
-  connected: boolean;
-  connections: number;
-  requests: number;
   describe: string;
 }
 
@@ -71,9 +68,7 @@ export async function threadMain(): Promise<void> {
   let options: ThreadOptions = {};
   const status = (s: Served): ThreadDeviceStatus => ({
     id: s.opened.spec.id,
-    connected: s.daemon.connected,
-    connections: s.daemon.metrics.connections,
-    requests: s.daemon.metrics.queues.reduce((n, q) => n + q.requests, 0),
+    ...s.daemon.activity,
     describe: s.opened.describe,
   });
   const handle = async (r: Request): Promise<unknown> => {
@@ -83,21 +78,8 @@ export async function threadMain(): Promise<void> {
         return null;
       case "add": {
         const opened = openDevice(r.spec);
+        const daemon = serveOpened(opened, { reactor, pollUs: options.pollUs, trace: options.trace, log });
         const id = r.spec.id;
-        let daemon: VhostUserDaemon;
-        try {
-          daemon = new VhostUserDaemon(opened.device, opened.listener, {
-            reactor,
-            label: id,
-            pollUs: options.pollUs,
-            trace: options.trace,
-            log: (l) => log(l.replace(/^mpq vhost: /, `mpq vhost ${id}: `)),
-          });
-        } catch (e) {
-          opened.listener.close();
-          opened.device.close();
-          throw e;
-        }
         const s = { opened, daemon };
         devices.set(id, s);
         return status(s);

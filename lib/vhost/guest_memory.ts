@@ -111,19 +111,39 @@ function validate(r: MemoryRegion): void {
  * kill the process with SIGBUS).
  */
 function checkFd(r: MemoryRegion, fd: OwnedFd): void {
+  const problem = memoryFdProblem(fd, r.mmapOffset + r.size, {
+    fd: "the fd",
+    kinds: "memfd, /dev/shm or hugetlbfs file",
+    need: "mmap_offset + size",
+  });
+  if (problem) throw new GuestMemoryError(`${describe(r)}: ${problem}`);
+}
+
+/**
+ * What is wrong with `fd` as the memory behind `need` bytes (mmap_offset + size) before it is
+ * mapped, or null: not a memory file, or smaller than `need` (touching the mapping past the end of
+ * the file would kill the process with SIGBUS). `names` words the message.
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { memfdCreate } from "../../ffi/mod.ts";
+ *
+ * using fd = memfdCreate("short");
+ * const names = { fd: "the fd", kinds: "memfd", need: "mmap_offset + size" };
+ * assert.equal(memoryFdProblem(fd, 4096n, names), "the fd holds 0 bytes, fewer than mmap_offset + size = 4096");
+ * assert.equal(memoryFdProblem(fd, 0n, names), null);
+ * ```
+ */
+export function memoryFdProblem(
+  fd: OwnedFd,
+  need: bigint,
+  names: { fd: string; kinds: string; need: string },
+): string | null {
   const kind = fdKind(fd);
-  if (kind !== "regular file") {
-    throw new GuestMemoryError(
-      `${describe(r)}: the fd is a ${kind}, expected a memory file (memfd, /dev/shm or hugetlbfs file)`,
-    );
-  }
+  if (kind !== "regular file") return `${names.fd} is a ${kind}, expected a memory file (${names.kinds})`;
   const { size } = fstat(fd);
-  const need = r.mmapOffset + r.size;
-  if (BigInt(size) < need) {
-    throw new GuestMemoryError(
-      `${describe(r)}: the fd holds ${size} bytes, fewer than mmap_offset + size = ${need}`,
-    );
-  }
+  if (BigInt(size) < need) return `${names.fd} holds ${size} bytes, fewer than ${names.need} = ${need}`;
+  return null;
 }
 
 /**

@@ -9,7 +9,6 @@
 import {
   EventFd,
   fdKind,
-  fstat,
   ftruncate,
   type MappedRegion,
   mapShared,
@@ -19,7 +18,7 @@ import {
   type Watch,
 } from "../../ffi/mod.ts";
 import type { DeviceContext, VhostUserDevice } from "./backend.ts";
-import { GuestMemory, GuestMemoryError } from "./guest_memory.ts";
+import { GuestMemory, GuestMemoryError, memoryFdProblem } from "./guest_memory.ts";
 import { InflightQueue, inflightQueueSize } from "./inflight.ts";
 import {
   bit,
@@ -281,11 +280,6 @@ export class VhostUserHandler {
     if (!wait) return release();
     this.#closing = wait.then(release, release);
     return this.#closing;
-  }
-
-  /** Mappings waiting for in-flight I/O before they are unmapped. */
-  get retiredMappings(): number {
-    return this.#retired.length;
   }
 
   // ---- helpers ----
@@ -710,18 +704,12 @@ export class VhostUserHandler {
           } for ${p.numQueues} x ${p.queueSize}`,
         );
       }
-      const kind = fdKind(fd);
-      if (kind !== "regular file") {
-        throw new VhostMessageError(`the inflight fd is a ${kind}, expected a memory file (memfd)`);
-      }
-      const have = BigInt(fstat(fd).size);
-      if (have < p.mmapOffset + p.mmapSize) {
-        throw new VhostMessageError(
-          `the inflight fd holds ${have} bytes, fewer than mmap_offset + mmap_size = ${
-            p.mmapOffset + p.mmapSize
-          }`,
-        );
-      }
+      const problem = memoryFdProblem(fd, p.mmapOffset + p.mmapSize, {
+        fd: "the inflight fd",
+        kinds: "memfd",
+        need: "mmap_offset + mmap_size",
+      });
+      if (problem) throw new VhostMessageError(problem);
       if (p.mmapOffset % 4096n !== 0n) {
         throw new VhostMessageError(
           `inflight mmap_offset 0x${p.mmapOffset.toString(16)} is not page aligned`,

@@ -8,8 +8,8 @@
  */
 import { Reactor, type ReactorOptions } from "../../ffi/mod.ts";
 import { type ControlCommand, ControlServer } from "./control.ts";
-import { VhostUserDaemon } from "./daemon.ts";
-import { openDevice, type OpenedDevice } from "./device_factory.ts";
+import type { VhostUserDaemon } from "./daemon.ts";
+import { openDevice, type OpenedDevice, serveOpened } from "./device_factory.ts";
 import { DeviceThread, type ThreadDeviceStatus } from "./device_thread.ts";
 import {
   checkUnique,
@@ -149,13 +149,8 @@ export class VhostServer {
     for (const t of this.#threads) for (const st of await t.status()) onThreads.set(st.id, st);
     return [...this.#devices.values()].map((s) => {
       const spec = s.spec;
-      const live = s.daemon
-        ? {
-          connected: s.daemon.connected,
-          connections: s.daemon.metrics.connections,
-          requests: s.daemon.metrics.queues.reduce((n, q) => n + q.requests, 0),
-        }
-        : onThreads.get(spec.id) ?? { connected: false, connections: 0, requests: 0 };
+      const live = s.daemon?.activity ?? onThreads.get(spec.id) ??
+        { connected: false, connections: 0, requests: 0 };
       return {
         id: spec.id,
         type: spec.type,
@@ -223,20 +218,8 @@ export class VhostServer {
   }
 
   #serveHere(opened: OpenedDevice): VhostUserDaemon {
-    const id = opened.spec.id;
-    try {
-      return new VhostUserDaemon(opened.device, opened.listener, {
-        reactor: this.reactor,
-        label: id,
-        pollUs: this.#opts.pollUs,
-        trace: this.#opts.trace,
-        log: (l) => this.#log(l.replace(/^mpq vhost: /, `mpq vhost ${id}: `)),
-      });
-    } catch (e) {
-      opened.listener.close();
-      opened.device.close();
-      throw e;
-    }
+    const o = this.#opts;
+    return serveOpened(opened, { reactor: this.reactor, pollUs: o.pollUs, trace: o.trace, log: this.#log });
   }
 
   /**
