@@ -33,7 +33,7 @@ import {
 } from "../ffi/mod.ts";
 import { selfCommand } from "../lib/cli/self.ts";
 import { VhostUserFrontend } from "../tests/helpers/vhost_frontend.ts";
-import { type LoadResult, processCpuSeconds, runLoad } from "./vhost.ts";
+import { contribVhostUserBlk, type LoadResult, processCpuSeconds, runLoad } from "./vhost.ts";
 
 /** Memory figures of one process, KiB (from /proc/PID/status). */
 export interface MemStatus {
@@ -166,19 +166,6 @@ function haveSetpriv(): boolean {
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
-}
-
-/** Where /work/shared/tools/c-peers/build.sh keeps contrib vhost-user-blk, if it has built it. */
-function contribVhostUserBlk(): string | null {
-  const home = Deno.env.get("HOME") ?? "/root";
-  const dir = Deno.env.get("MPQ_C_PEERS") ??
-    `${Deno.env.get("XDG_CACHE_HOME") ?? `${home}/.cache`}/mpq-c-peers`;
-  try {
-    const st = Deno.statSync(`${dir}/vhost-user-blk`);
-    return st.isFile && ((st.mode ?? 0) & 0o111) !== 0 ? `${dir}/vhost-user-blk` : null;
-  } catch {
-    return null;
-  }
 }
 
 /** What one back-end looked like idle and under load. */

@@ -10,7 +10,7 @@ import { InputError, UsageError } from "../cli/errors.ts";
 import { intOption } from "../cli/options.ts";
 import { DEFAULT_POLL_US, VhostUserDaemon } from "./daemon.ts";
 import { DeviceOpenError, openDevice, type OpenedDevice } from "./device_factory.ts";
-import { type DeviceSpec, type Listen, MAX_QUEUES } from "./device_spec.ts";
+import { type DeviceSpec, hostQueueCount, type Listen, MAX_QUEUES } from "./device_spec.ts";
 import { type EngineChoice, parseEngineChoice } from "./devices/blk_engine.ts";
 import { ctlMain, serveMain } from "./serve_cli.ts";
 import { reactorWake } from "./wake.ts";
@@ -56,11 +56,6 @@ const CAPABILITIES: Record<string, unknown> = {
 
 function intArg(name: string, value: string | undefined, min: number, max: number): number | undefined {
   return intOption(name, value, { min, max, usage: USAGE });
-}
-
-/** QEMU's vhost-user-blk-pci asks for one queue per vCPU: offer as many as the host has CPUs. */
-function defaultQueues(): number {
-  return Math.min(64, Math.max(1, navigator.hardwareConcurrency || 1));
 }
 
 /** Resolves where to listen: --socket-path, --fd, or systemd's fd 3. */
@@ -173,7 +168,7 @@ export async function main(args: string[]): Promise<number> {
       readOnly: !!v["read-only"],
       serial,
       blkSize,
-      numQueues: intArg("num-queues", str("num-queues"), 1, MAX_QUEUES) ?? defaultQueues(),
+      numQueues: intArg("num-queues", str("num-queues"), 1, MAX_QUEUES) ?? hostQueueCount(),
       direct: !!v.direct,
       writeback: !!v.writeback,
       engine,

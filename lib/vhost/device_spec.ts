@@ -46,6 +46,14 @@ export class SpecError extends Error {
 
 /** Most queues a blk device offers. */
 export const MAX_QUEUES = 64;
+
+/**
+ * Queues of a blk device given without num-queues: QEMU's vhost-user-blk-pci asks for one queue
+ * per vCPU, so offer as many as the host has CPUs (at most MAX_QUEUES).
+ */
+export function hostQueueCount(): number {
+  return Math.min(MAX_QUEUES, Math.max(1, navigator.hardwareConcurrency || 1));
+}
 const ID_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 
 /** The keys each device type takes (in `--device` and JSON), with their kinds. */

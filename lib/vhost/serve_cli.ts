@@ -12,6 +12,7 @@ import {
   checkUnique,
   type DeviceSpec,
   deviceSpecFromJson,
+  hostQueueCount,
   parseDeviceArg,
   SpecError,
 } from "./device_spec.ts";
@@ -103,10 +104,6 @@ function readConfig(path: string): ServeConfig {
   };
 }
 
-function defaultQueues(): number {
-  return Math.min(64, Math.max(1, navigator.hardwareConcurrency || 1));
-}
-
 /** `mpq vhost serve ...`. */
 export async function serveMain(args: string[]): Promise<number> {
   let parsed;
@@ -135,7 +132,7 @@ export async function serveMain(args: string[]): Promise<number> {
   }
   const config: ServeConfig = v.config ? readConfig(v.config) : { devices: [] };
   const specs: DeviceSpec[] = [];
-  const queues = defaultQueues();
+  const queues = hostQueueCount();
   config.devices.forEach((d, i) => {
     try {
       specs.push(deviceSpecFromJson(d, { defaultQueues: queues, index: specs.length }));
