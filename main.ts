@@ -4,7 +4,7 @@
  */
 import { InputError, UsageError } from "./lib/cli/errors.ts";
 import { VERSION } from "./lib/version.ts";
-import { DEVICE_THREAD_NAME } from "./lib/vhost/thread_name.ts";
+import { DEVICE_THREAD_NAME, QUEUE_THREAD_NAME } from "./lib/vhost/thread_name.ts";
 
 type Command = { summary: string; main: (args: string[]) => Promise<number> };
 
@@ -79,6 +79,9 @@ async function main(args: string[]): Promise<number> {
 if ((globalThis as { name?: string }).name === DEVICE_THREAD_NAME) {
   // This program started as a `mpq vhost serve` device thread (a Worker on this same module).
   await (await import("./lib/vhost/device_thread.ts")).threadMain();
+} else if ((globalThis as { name?: string }).name === QUEUE_THREAD_NAME) {
+  // A queue thread: some queues of a multi-queue device (see lib/vhost/queue_thread.ts).
+  await (await import("./lib/vhost/queue_thread.ts")).queueThreadMain();
 } else if (import.meta.main) {
   Deno.exit(await main(Deno.args));
 }

@@ -94,4 +94,9 @@ export interface VhostUserDevice {
   cancelQueue(vq: VirtQueue): void;
   /** Releases everything (the daemon exits). */
   close(): void;
+  /**
+   * What another instance of this device, serving some of its queues on a queue thread, must
+   * share with this one (plain data that crosses postMessage: SharedArrayBuffers).
+   */
+  readonly shared?: Record<string, SharedArrayBuffer | undefined>;
 }

@@ -12,6 +12,7 @@ import { DEFAULT_POLL_US, VhostUserDaemon } from "./daemon.ts";
 import { DeviceOpenError, openDevice, type OpenedDevice } from "./device_factory.ts";
 import { type DeviceSpec, hostQueueCount, type Listen, MAX_QUEUES } from "./device_spec.ts";
 import { type EngineChoice, parseEngineChoice } from "./devices/blk_engine.ts";
+import { defaultQueueThreads, QueuePool } from "./queue_thread.ts";
 import { ctlMain, serveMain } from "./serve_cli.ts";
 import { reactorWake } from "./wake.ts";
 
@@ -22,6 +23,8 @@ const COMMON = `  --socket-path=PATH      listen on this UNIX socket path
   --metrics=PATH          serve Prometheus metrics on this UNIX socket (SIGUSR1 logs a summary)
   --poll-us=N             busy-poll the rings after the last request, for an adaptive window of
                           at most N microseconds (default 128; 0: never poll)
+  --queue-threads=N       threads serving a multi-queue device's rings, this one included, 1..64
+                          (default: the CPU count; 1: every ring on the daemon's thread)
   -h, --help              this text`;
 
 /** Usage of `mpq vhost`. */
@@ -112,6 +115,7 @@ export async function main(args: string[]): Promise<number> {
         "print-capabilities": { type: "boolean" },
         metrics: { type: "string" },
         "poll-us": { type: "string" },
+        "queue-threads": { type: "string" },
         help: { type: "boolean", short: "h" },
         ...(kind === "blk"
           ? {
@@ -142,6 +146,7 @@ export async function main(args: string[]): Promise<number> {
   }
   const str = (k: string) => v[k] as string | undefined;
   const pollUs = intArg("poll-us", str("poll-us"), 0, 10_000_000) ?? DEFAULT_POLL_US;
+  const queueThreads = intArg("queue-threads", str("queue-threads"), 1, 64) ?? defaultQueueThreads();
   let spec: DeviceSpec;
   if (kind === "blk") {
     const file = str("blk-file");
@@ -185,9 +190,11 @@ export async function main(args: string[]): Promise<number> {
     throw e;
   }
   const l = opened.listener;
+  const pool = queueThreads > 1 ? new QueuePool(queueThreads) : null;
   let daemon: VhostUserDaemon;
   try {
     daemon = new VhostUserDaemon(opened.device, l, {
+      queueThreads: pool ? { pool, spec } : undefined,
       metricsPath: str("metrics"),
       pollUs,
       signals: true,
@@ -209,6 +216,7 @@ export async function main(args: string[]): Promise<number> {
     await daemon.run();
   } finally {
     daemon.close();
+    await pool?.stop();
   }
   return 0;
 }

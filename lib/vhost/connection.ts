@@ -7,7 +7,7 @@
  * @module
  */
 import type { OwnedFd, Reactor, UnixSocket, Watch } from "../../ffi/mod.ts";
-import type { Outcome, VhostUserHandler } from "./handler.ts";
+import type { MessageHandler, Outcome } from "./handler.ts";
 import { decodeHeader, HEADER_SIZE, MAX_FDS, requestName } from "./message.ts";
 
 /** Options for a connection. */
@@ -63,7 +63,7 @@ export interface ConnectionOptions {
  */
 export class VhostUserConnection {
   readonly #sock: UnixSocket;
-  readonly #handler: VhostUserHandler;
+  readonly #handler: MessageHandler;
   #watch: Watch | null;
   readonly #opts: ConnectionOptions;
   readonly #log: (line: string) => void;
@@ -80,7 +80,7 @@ export class VhostUserConnection {
   /** A message's outcome is pending: the socket is not watched meanwhile. */
   #paused = false;
 
-  constructor(sock: UnixSocket, handler: VhostUserHandler, options: ConnectionOptions) {
+  constructor(sock: UnixSocket, handler: MessageHandler, options: ConnectionOptions) {
     this.#sock = sock;
     this.#handler = handler;
     this.#opts = options;

@@ -13,9 +13,11 @@ import {
 } from "../../ffi/mod.ts";
 import type { VhostUserDevice } from "./backend.ts";
 import { VhostUserConnection } from "./connection.ts";
-import { VhostUserHandler } from "./handler.ts";
+import type { DeviceSpec } from "./device_spec.ts";
+import { type MessageHandler, VhostUserHandler } from "./handler.ts";
 import { Metrics, MetricsServer } from "./metrics.ts";
 import { PollWindow } from "./poll_window.ts";
+import { type MirrorLink, type QueueHost, type QueuePlacer, SplitHandler } from "./split_handler.ts";
 
 /**
  * Default largest busy-poll window (µs). QEMU's IOThreads use 32: measured with vub-bench at QD1
@@ -50,6 +52,13 @@ export interface DaemonOptions {
   label?: string;
   /** How its own reactor sleeps (default "auto"; the CLI uses "block": see ReactorOptions.wake). */
   wake?: ReactorOptions["wake"];
+  /**
+   * Serve the queues of a multi-queue device on these queue threads too (see queue_thread.ts);
+   * `spec` is what the device was made from (each queue thread makes its own instance).
+   */
+  queueThreads?: { pool: QueuePlacer; spec: DeviceSpec };
+  /** Count into another daemon's metrics memory (a queue thread's mirror: Metrics.shared). */
+  sharedMetrics?: SharedArrayBuffer;
 }
 
 /** A daemon's front-end and request counts. */
@@ -100,6 +109,8 @@ export class VhostUserDaemon {
   /** Resolves when the current connection (if any) has closed and drained. */
   #connClosed: Promise<void> = Promise.resolve();
   #connClosedResolve: (() => void) | null = null;
+  /** Per queue: the queue thread's mirror serving it (null: this thread); made on first connect. */
+  #owners: (MirrorLink | null)[] | null = null;
 
   constructor(device: VhostUserDevice, listener: UnixListener | null, options: DaemonOptions = {}) {
     this.device = device;
@@ -112,7 +123,7 @@ export class VhostUserDaemon {
         onError: (e) => this.#log(`mpq vhost: ${(e as Error).message ?? e}`),
         wake: options.wake,
       });
-    this.metrics = new Metrics(options.label ?? device.type, device.numQueues);
+    this.metrics = new Metrics(options.label ?? device.type, device.numQueues, options.sharedMetrics);
     if (options.metricsPath) {
       this.#metricsServer = new MetricsServer(options.metricsPath, {
         reactor: this.reactor,
@@ -172,8 +183,26 @@ export class VhostUserDaemon {
     this.#listenWatch?.remove();
     this.#listenWatch = null;
     this.metrics.connections++;
+    const handler = this.#newHandler();
+    this.#handler = handler;
+    this.#connClosed = new Promise((r) => this.#connClosedResolve = r);
+    this.#conn = new VhostUserConnection(sock, this.#split(handler), {
+      reactor: this.reactor,
+      log: this.#log,
+      trace: this.#opts.trace,
+      onClose: (reason) => {
+        this.#conn = null;
+        this.#handler = null;
+        this.#log(`mpq vhost: front-end disconnected (${reason})`);
+        this.#connClosedResolve?.();
+        if (!this.reactor.stopping && !this.#closed) this.#watchListener();
+      },
+    });
+  }
+
+  #newHandler(): VhostUserHandler {
     const window = this.#window;
-    const handler = new VhostUserHandler(this.device, { reactor: this.reactor, metrics: this.metrics }, {
+    return new VhostUserHandler(this.device, { reactor: this.reactor, metrics: this.metrics }, {
       log: this.#log,
       // With polling, a kick ends a sleep (the window adapts to how long it was), starts a poll
       // window, and further kicks are suppressed until the window runs out.
@@ -186,20 +215,59 @@ export class VhostUserDaemon {
         }
         : undefined,
     });
-    this.#handler = handler;
-    this.#connClosed = new Promise((r) => this.#connClosedResolve = r);
-    this.#conn = new VhostUserConnection(sock, handler, {
-      reactor: this.reactor,
-      log: this.#log,
-      trace: this.#opts.trace,
-      onClose: (reason) => {
-        this.#conn = null;
-        this.#handler = null;
-        this.#log(`mpq vhost: front-end disconnected (${reason})`);
-        this.#connClosedResolve?.();
-        if (!this.reactor.stopping && !this.#closed) this.#watchListener();
-      },
-    });
+  }
+
+  /** The connection's handler: this one alone, or split with queue threads' mirrors. */
+  #split(local: VhostUserHandler): MessageHandler {
+    const qt = this.#opts.queueThreads;
+    if (!qt || this.device.numQueues < 2 || qt.pool.size < 2) return local;
+    if (!this.#owners) {
+      const links = new Map<QueueHost, MirrorLink>();
+      this.#owners = qt.pool.place(this.device.numQueues, this.reactor).map((t) => {
+        if (!t) return null;
+        let link = links.get(t);
+        if (!link) {
+          const key = t.attach({
+            spec: qt.spec,
+            label: this.metrics.device,
+            metrics: this.metrics.shared,
+            shared: this.device.shared,
+            pollUs: this.#opts.pollUs,
+            trace: this.#opts.trace,
+          });
+          link = { thread: t, key };
+          links.set(t, link);
+        }
+        return link;
+      });
+      const owners = this.#owners;
+      this.metrics.addSource(
+        "mpq_vhost_queue_thread",
+        "The thread serving the queue: 0 the device's own, N queue thread N-1.",
+        "gauge",
+        () => owners.map((l, i) => [`queue="${i}"`, l ? l.thread.index + 1 : 0]),
+      );
+    }
+    const links = new Set(this.#owners.filter((l): l is MirrorLink => l !== null));
+    for (const l of links) l.thread.connect(l.key).catch(() => {}); // a failure shows on the first message
+    return new SplitHandler(local, this.#owners, this.#log);
+  }
+
+  /**
+   * A queue thread's side of a device (see queue_thread.ts): a handler for the messages another
+   * thread's connection forwards, polled like a connection's.
+   */
+  attachMirror(): VhostUserHandler {
+    const h = this.#newHandler();
+    this.#handler = h;
+    return h;
+  }
+
+  /** The forwarding connection went away: the mirror's rings stop and drain. */
+  async detachMirror(): Promise<void> {
+    const h = this.#handler;
+    this.#handler = null;
+    await h?.close();
   }
 
   /** The adaptive busy-poll window (null when polling is off). */
@@ -265,6 +333,8 @@ export class VhostUserDaemon {
   }
 
   #release(): void {
+    for (const l of new Set(this.#owners ?? [])) l?.thread.detach(l.key).catch(() => {});
+    this.#owners = null;
     this.#listenWatch?.remove();
     this.#listenWatch = null;
     this.#removePoller?.();

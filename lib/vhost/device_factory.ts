@@ -15,7 +15,8 @@ import {
 import type { VhostUserDevice } from "./backend.ts";
 import { VhostUserDaemon } from "./daemon.ts";
 import type { DeviceSpec, Listen } from "./device_spec.ts";
-import { BlkDevice, openBlkFile } from "./devices/blk.ts";
+import type { QueuePlacer } from "./split_handler.ts";
+import { BlkDevice, type BlkShared, openBlkFile } from "./devices/blk.ts";
 import { RngDevice } from "./devices/rng.ts";
 
 /** A device and its listener, not yet served. */
@@ -57,34 +58,7 @@ export class DeviceOpenError extends Error {
  * ```
  */
 export function openDevice(spec: DeviceSpec): OpenedDevice {
-  let device: VhostUserDevice;
-  let describe: string;
-  if (spec.type === "blk") {
-    let opened: { fd: OwnedFd; size: number };
-    try {
-      opened = openBlkFile(spec.file, spec);
-    } catch (e) {
-      throw new DeviceOpenError("file", `${spec.file}: ${(e as Error).message}`);
-    }
-    try {
-      const blk = new BlkDevice(opened.fd, opened.size, spec);
-      device = blk;
-      describe =
-        `${spec.file}, ${blk.size} bytes, ${
-          blk.writeback ? "writeback" : "writethrough"
-        }, engine ${blk.engine} ` +
-        `(${blk.engineReason})${
-          blk.engine === "vmcopy" ? `, ${blk.ioThreads} helper thread${blk.ioThreads === 1 ? "" : "s"}` : ""
-        }`;
-    } catch (e) {
-      opened.fd.close();
-      // "engine vmcopy: ...", "engine uring: ..."
-      throw new DeviceOpenError("engine", (e as Error).message);
-    }
-  } else {
-    device = new RngDevice();
-    describe = "getrandom(2)";
-  }
+  const { device, describe } = createDevice(spec);
   try {
     return { spec, device, listener: openListener(spec.listen), describe };
   } catch (e) {
@@ -93,9 +67,42 @@ export function openDevice(spec: DeviceSpec): OpenedDevice {
   }
 }
 
+/**
+ * The device a spec names, without its listener (openDevice, and a queue thread's instance of a
+ * device whose other queues another thread serves: `shared` is the first instance's
+ * {@link BlkDevice.shared}, so both see the same allocation map).
+ */
+export function createDevice(
+  spec: DeviceSpec,
+  shared?: BlkShared,
+): { device: VhostUserDevice; describe: string } {
+  if (spec.type !== "blk") return { device: new RngDevice(), describe: "getrandom(2)" };
+  let opened: { fd: OwnedFd; size: number };
+  try {
+    opened = openBlkFile(spec.file, spec);
+  } catch (e) {
+    throw new DeviceOpenError("file", `${spec.file}: ${(e as Error).message}`);
+  }
+  try {
+    const blk = new BlkDevice(opened.fd, opened.size, { ...spec, shared });
+    const helpers = blk.engine === "vmcopy"
+      ? `, ${blk.ioThreads} helper thread${blk.ioThreads === 1 ? "" : "s"}`
+      : "";
+    const describe = `${spec.file}, ${blk.size} bytes, ${blk.writeback ? "writeback" : "writethrough"}, ` +
+      `engine ${blk.engine} (${blk.engineReason})${helpers}`;
+    return { device: blk, describe };
+  } catch (e) {
+    opened.fd.close();
+    // "engine vmcopy: ...", "engine uring: ..."
+    throw new DeviceOpenError("engine", (e as Error).message);
+  }
+}
+
 /** How a device is served on a shared reactor (`mpq vhost serve`). */
 export interface ServeOptions {
   reactor: Reactor;
+  /** Queue threads for multi-queue devices (see queue_thread.ts). */
+  queuePool?: QueuePlacer;
   pollUs?: number;
   trace?: boolean;
   /** Where its log lines go; they are prefixed with the device id. */
@@ -114,6 +121,7 @@ export function serveOpened(opened: OpenedDevice, options: ServeOptions): VhostU
       label: id,
       pollUs: options.pollUs,
       trace: options.trace,
+      queueThreads: options.queuePool ? { pool: options.queuePool, spec: opened.spec } : undefined,
       log: (l) => options.log(l.replace(/^mpq vhost: /, `mpq vhost ${id}: `)),
     });
   } catch (e) {

@@ -13,6 +13,7 @@ import type { DaemonActivity, VhostUserDaemon } from "./daemon.ts";
 import { DeviceOpenError, openDevice, type OpenedDevice, serveOpened } from "./device_factory.ts";
 import type { DeviceSpec } from "./device_spec.ts";
 import { type MetricFamily, Metrics } from "./metrics.ts";
+import { QueuePool } from "./queue_thread.ts";
 import { DEVICE_THREAD_NAME } from "./thread_name.ts";
 
 /** What `list` reports of a device (computed on its thread). */
@@ -25,6 +26,10 @@ export interface ThreadDeviceStatus extends DaemonActivity {
 export interface ThreadOptions {
   pollUs?: number;
   trace?: boolean;
+  /** Queue threads per multi-queue device (this thread's own pool: see queue_thread.ts). */
+  queueThreads?: number;
+  /** The program's entry module (the main thread's Deno.mainModule), to start queue threads. */
+  entry?: string;
 }
 
 type Request =
@@ -66,6 +71,7 @@ export async function threadMain(): Promise<void> {
   });
   const devices = new Map<string, Served>();
   let options: ThreadOptions = {};
+  let pool: QueuePool | null = null;
   const status = (s: Served): ThreadDeviceStatus => ({
     id: s.opened.spec.id,
     ...s.daemon.activity,
@@ -75,10 +81,17 @@ export async function threadMain(): Promise<void> {
     switch (r.op) {
       case "init":
         options = r.options;
+        if ((options.queueThreads ?? 1) > 1) pool = new QueuePool(options.queueThreads!, options.entry);
         return null;
       case "add": {
         const opened = openDevice(r.spec);
-        const daemon = serveOpened(opened, { reactor, pollUs: options.pollUs, trace: options.trace, log });
+        const daemon = serveOpened(opened, {
+          reactor,
+          pollUs: options.pollUs,
+          trace: options.trace,
+          log,
+          queuePool: pool ?? undefined,
+        });
         const id = r.spec.id;
         const s = { opened, daemon };
         devices.set(id, s);
@@ -125,6 +138,7 @@ export async function threadMain(): Promise<void> {
   } finally {
     for (const s of devices.values()) s.daemon.close();
     devices.clear();
+    await (pool as QueuePool | null)?.stop();
     reactor.close();
     scope.onmessage = null;
     scope.postMessage({ seq: -1, ok: true, result: "stopped" } satisfies Reply);
@@ -185,7 +199,7 @@ export class DeviceThread {
   static async start(index: number, options: ThreadOptions): Promise<DeviceThread> {
     const worker = new Worker(Deno.mainModule, { type: "module", name: DEVICE_THREAD_NAME });
     const t = new DeviceThread(index, worker);
-    await t.#call({ op: "init", options });
+    await t.#call({ op: "init", options: { entry: Deno.mainModule, ...options } });
     return t;
   }
 

@@ -82,6 +82,19 @@ export interface Outcome {
   fds?: OwnedFd[];
   /** Close the connection (a message that needed an answer we cannot give). */
   close?: string;
+  /** The message failed (whether or not the front-end hears it): why. */
+  failure?: string;
+}
+
+/**
+ * What a connection hands its messages to: a {@link VhostUserHandler}, or a SplitHandler that
+ * shares a device's queues with queue threads.
+ */
+export interface MessageHandler {
+  /** Handles one message (a Promise when the answer waits for I/O or another thread). */
+  handle(m: Message): Outcome | Promise<Outcome>;
+  /** The front-end went away: stop every ring (a Promise while requests drain) and release all. */
+  close(): Promise<void> | void;
 }
 
 interface Result {
@@ -127,7 +140,7 @@ export interface HandlerOptions {
  * reactor.close();
  * ```
  */
-export class VhostUserHandler {
+export class VhostUserHandler implements MessageHandler {
   readonly device: VhostUserDevice;
   readonly ctx: DeviceContext;
   readonly queues: VirtQueue[] = [];
@@ -244,10 +257,10 @@ export class VhostUserHandler {
     const ackWanted = (m.flags & Flags.NEED_REPLY) !== 0;
     if (failure !== null) {
       this.#log(`mpq vhost: ${failure}`);
-      if (entry?.replies) return { close: failure };
+      if (entry?.replies) return { close: failure, failure };
       const ackOk = (this.protocolFeatures & bit(ProtocolFeature.REPLY_ACK)) !== 0n;
-      if (ackWanted && ackOk) return { reply: encodeReply(m.request, encodeU64(1n)) };
-      return {};
+      if (ackWanted && ackOk) return { reply: encodeReply(m.request, encodeU64(1n)), failure };
+      return { failure };
     }
     if (entry!.replies) {
       const r = result as Result;
@@ -368,7 +381,7 @@ export class VhostUserHandler {
       this.device.processQueue(q);
     } catch (e) {
       q.fail();
-      this.ctx.metrics.brokenQueues++;
+      this.ctx.metrics.countBroken();
       const what = e instanceof VirtqueueError || e instanceof GuestMemoryError
         ? "broken ring"
         : "device error";
@@ -405,7 +418,7 @@ export class VhostUserHandler {
         q.map(this.memory);
       } catch (e) {
         q.unmap();
-        if (!q.broken) this.ctx.metrics.brokenQueues++;
+        if (!q.broken) this.ctx.metrics.countBroken();
         q.fail();
         this.#log(`mpq vhost: queue ${q.index} stopped: ${(e as Error).message}`);
       }

@@ -31,19 +31,56 @@ interface MetricSource {
   values: () => Array<[string, number]>;
 }
 
-/** Counters of one queue. Plain fields: the hot path increments them without allocating. */
+/** Float64 slots of one queue's counters: requests, read bytes, write bytes, errors, latency sum, buckets. */
+const QUEUE_SLOTS = 5 + LATENCY_BOUNDS_US.length + 1;
+
+/**
+ * Counters of one queue, in a Float64Array that may live in a SharedArrayBuffer: a queue served on
+ * a queue thread (see queue_pool.ts) counts into the same memory the control thread renders. One
+ * thread writes a queue's counters at a time (the one serving it). The hot path increments them
+ * without allocating.
+ */
 export class QueueMetrics {
-  requests = 0;
-  readBytes = 0;
-  writeBytes = 0;
-  errors = 0;
-  latencySumUs = 0;
+  readonly #v: Float64Array;
   /** Non-cumulative bucket counts; the last is +Inf. */
-  readonly buckets = new Float64Array(LATENCY_BOUNDS_US.length + 1);
+  readonly buckets: Float64Array;
+
+  constructor(slots: Float64Array = new Float64Array(QUEUE_SLOTS)) {
+    this.#v = slots;
+    this.buckets = slots.subarray(5);
+  }
+
+  get requests(): number {
+    return this.#v[0];
+  }
+  set requests(n: number) {
+    this.#v[0] = n;
+  }
+  get readBytes(): number {
+    return this.#v[1];
+  }
+  set readBytes(n: number) {
+    this.#v[1] = n;
+  }
+  get writeBytes(): number {
+    return this.#v[2];
+  }
+  set writeBytes(n: number) {
+    this.#v[2] = n;
+  }
+  get errors(): number {
+    return this.#v[3];
+  }
+  set errors(n: number) {
+    this.#v[3] = n;
+  }
+  get latencySumUs(): number {
+    return this.#v[4];
+  }
 
   /** Records one completed request that took `us` microseconds. */
   observe(us: number): void {
-    this.latencySumUs += us;
+    this.#v[4] += us;
     const b = LATENCY_BOUNDS_US;
     let i = 0;
     while (i < b.length && us > b[i]) i++;
@@ -74,12 +111,38 @@ export class Metrics {
   readonly device: string;
   readonly queues: QueueMetrics[] = [];
   connections = 0;
-  brokenQueues = 0;
   readonly #sources: MetricSource[] = [];
+  /** The queues' counters, then the broken-queue count: shareable with queue threads. */
+  readonly shared: SharedArrayBuffer;
+  readonly #broken: Int32Array;
 
-  constructor(device: string, numQueues: number) {
+  /**
+   * A daemon's metrics; `shared` (another Metrics' `.shared`) makes the queue counters and the
+   * broken-queue count the same memory as that one's (a queue thread counting for the daemon).
+   */
+  constructor(device: string, numQueues: number, shared?: SharedArrayBuffer) {
     this.device = device;
-    for (let i = 0; i < numQueues; i++) this.queues.push(new QueueMetrics());
+    const bytes = (numQueues * QUEUE_SLOTS + 1) * 8;
+    if (shared && shared.byteLength !== bytes) {
+      throw new RangeError(
+        `shared metrics of ${shared.byteLength} bytes for ${numQueues} queues: expected ${bytes}`,
+      );
+    }
+    this.shared = shared ?? new SharedArrayBuffer(bytes);
+    for (let i = 0; i < numQueues; i++) {
+      this.queues.push(new QueueMetrics(new Float64Array(this.shared, i * QUEUE_SLOTS * 8, QUEUE_SLOTS)));
+    }
+    this.#broken = new Int32Array(this.shared, numQueues * QUEUE_SLOTS * 8, 1);
+  }
+
+  /** Queues stopped because their ring broke the rules (counted by whichever thread served them). */
+  get brokenQueues(): number {
+    return Atomics.load(this.#broken, 0);
+  }
+
+  /** One more queue broke the rules. */
+  countBroken(): void {
+    Atomics.add(this.#broken, 0, 1);
   }
 
   /**

@@ -85,3 +85,16 @@ Deno.test("metrics sources are read at each render, with their labels, and regis
   text = m.render();
   assert.match(text, /^mpq_vhost_poll_window_seconds\{device="block"\} 0.000032$/m);
 });
+
+Deno.test("metrics over shared memory: a queue thread's counts are rendered by the daemon's metrics", () => {
+  const daemon = new Metrics("d0", 2);
+  const thread = new Metrics("d0", 2, daemon.shared);
+  thread.queue(1).requests += 3;
+  thread.queue(1).observe(40);
+  thread.countBroken();
+  daemon.countBroken();
+  assert.match(daemon.render(), /^mpq_vhost_requests_total\{device="d0",queue="1"\} 3$/m);
+  assert.match(daemon.render(), /^mpq_vhost_request_latency_seconds_count\{device="d0",queue="1"\} 1$/m);
+  assert.equal(daemon.brokenQueues, 2);
+  assert.throws(() => new Metrics("d0", 3, daemon.shared), /shared metrics of \d+ bytes for 3 queues/);
+});

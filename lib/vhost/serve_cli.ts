@@ -17,6 +17,7 @@ import {
   SpecError,
 } from "./device_spec.ts";
 import { VhostServer } from "./server.ts";
+import { defaultQueueThreads } from "./queue_thread.ts";
 import { reactorWake } from "./wake.ts";
 
 /** Usage of `mpq vhost serve`. */
@@ -36,6 +37,8 @@ Serves several vhost-user devices from one process (each on its own socket or in
   --poll-us N          adaptive busy-poll window maximum per device, µs (default ${DEFAULT_POLL_US}; 0: off)
   --threads N          device threads, each sleeping in its own epoll_wait; devices are spread over them
                          (default 0: all devices on the main thread, with the control and metrics sockets)
+  --queue-threads N    threads serving a multi-queue device's rings, the device's own thread included,
+                         1..64 (default: the CPU count; 1: all of a device's rings on its thread)
   -h, --help           this text
 
 Ids default to the type and position (blk0, rng1). blk num-queues defaults to the host's CPU count.`;
@@ -119,6 +122,7 @@ export async function serveMain(args: string[]): Promise<number> {
         metrics: { type: "string" },
         "poll-us": { type: "string" },
         threads: { type: "string" },
+        "queue-threads": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -174,6 +178,8 @@ export async function serveMain(args: string[]): Promise<number> {
       defaultQueues: queues,
       wake: reactorWake(),
       threads: intOption("threads", v.threads, { min: 0, max: 64, usage: SERVE_USAGE }) ?? 0,
+      queueThreads: intOption("queue-threads", v["queue-threads"], { min: 1, max: 64, usage: SERVE_USAGE }) ??
+        defaultQueueThreads(),
     });
   } catch (e) {
     throw new InputError((e as Error).message);

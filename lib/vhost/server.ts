@@ -19,6 +19,7 @@ import {
   parseDeviceArg,
 } from "./device_spec.ts";
 import { Metrics, MetricsServer } from "./metrics.ts";
+import { QueuePool } from "./queue_thread.ts";
 
 /** Options of a server. */
 export interface ServerOptions {
@@ -43,6 +44,11 @@ export interface ServerOptions {
    * the fewest first. 0 (default): every device on this thread's reactor.
    */
   threads?: number;
+  /**
+   * Threads serving one multi-queue device's queues, the device's own included (default 1: none;
+   * the CLI defaults to the CPU count). See queue_thread.ts.
+   */
+  queueThreads?: number;
 }
 
 /** What `list` says of a device. */
@@ -96,10 +102,12 @@ export class VhostServer {
   #metrics: MetricsServer | null = null;
   #control: ControlServer | null = null;
   #added = 0;
+  readonly #queuePool: QueuePool | null;
 
   constructor(options: ServerOptions = {}) {
     this.#opts = options;
     this.#log = options.log ?? ((l) => console.error(l));
+    this.#queuePool = (options.queueThreads ?? 1) > 1 ? new QueuePool(options.queueThreads!) : null;
     this.reactor = new Reactor({
       onError: (e) => this.#log(`mpq vhost: ${(e as Error).message ?? e}`),
       wake: options.wake,
@@ -171,7 +179,11 @@ export class VhostServer {
     this.#threadsStarting ??= (async () => {
       for (let i = 0; i < n; i++) {
         this.#threads.push(
-          await DeviceThread.start(i, { pollUs: this.#opts.pollUs, trace: this.#opts.trace }),
+          await DeviceThread.start(i, {
+            pollUs: this.#opts.pollUs,
+            trace: this.#opts.trace,
+            queueThreads: this.#opts.queueThreads,
+          }),
         );
       }
     })();
@@ -219,7 +231,13 @@ export class VhostServer {
 
   #serveHere(opened: OpenedDevice): VhostUserDaemon {
     const o = this.#opts;
-    return serveOpened(opened, { reactor: this.reactor, pollUs: o.pollUs, trace: o.trace, log: this.#log });
+    return serveOpened(opened, {
+      reactor: this.reactor,
+      pollUs: o.pollUs,
+      trace: o.trace,
+      log: this.#log,
+      queuePool: this.#queuePool ?? undefined,
+    });
   }
 
   /**
@@ -296,7 +314,7 @@ export class VhostServer {
   async close(): Promise<void> {
     await this.#threadsStarting?.catch(() => {});
     for (const s of this.#devices.values()) s.daemon?.close();
-    await Promise.all(this.#threads.map((t) => t.stop()));
+    await Promise.all([...this.#threads.map((t) => t.stop()), this.#queuePool?.stop()]);
     this.#threads.length = 0;
     this.#devices.clear();
     this.#control?.close();

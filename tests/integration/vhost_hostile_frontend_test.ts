@@ -23,6 +23,7 @@ import {
   spawn,
 } from "../../ffi/mod.ts";
 import { selfCommand } from "../../lib/cli/self.ts";
+import { inflightQueueSize } from "../../lib/vhost/inflight.ts";
 import {
   Blk,
   encodeMessage,
@@ -345,154 +346,181 @@ Deno.test("vhost blk makes the call eventfd non-blocking: a full counter on a bl
 
 // ---- memory tables that change under running rings -------------------------------------------
 
-Deno.test("vhost blk drops a ring's views when a new memory table no longer holds it (no use of unmapped memory)", async () => {
-  // A long poll window: the ring is being polled (kicks suppressed) when its memory goes away, and
-  // the poller resumes notifications on it afterwards.
-  await withDaemon("blk", ["--poll-us=200000"], async (d) => {
-    {
-      await using fe = await VhostUserFrontend.connect(d.socket, { memSlots: false });
-      await fe.handshake();
-      await fe.start();
-      // Requests after short sleeps grow the window (each kick after a sleep doubles it) to ~200 ms.
-      for (let i = 0; i < 20; i++) {
-        assert.equal((await fe.blkRead(i, 4096)).status, Blk.S_OK);
-        await sleep(2);
+/** One thread, and a queue thread mirroring the device (each maps the guest RAM once). */
+const THREADINGS = [
+  { threads: 1, args: ["--num-queues=1"], queue: 0, queues: 1 },
+  { threads: 2, args: ["--num-queues=2", "--queue-threads=2"], queue: 1, queues: 2 },
+];
+
+for (const { threads, args } of THREADINGS) {
+  Deno.test(`vhost blk drops a ring's views when a new memory table no longer holds it (no use of unmapped memory; ${threads} thread(s))`, async () => {
+    // A long poll window: the ring is being polled (kicks suppressed) when its memory goes away, and
+    // the poller resumes notifications on it afterwards.
+    await withDaemon("blk", ["--poll-us=200000", ...args], async (d) => {
+      {
+        await using fe = await VhostUserFrontend.connect(d.socket, { memSlots: false });
+        await fe.handshake();
+        await fe.start();
+        // Requests after short sleeps grow the window (each kick after a sleep doubles it) to ~200 ms.
+        for (let i = 0; i < 20; i++) {
+          assert.equal((await fe.blkRead(i, 4096)).status, Blk.S_OK);
+          await sleep(2);
+        }
+        assert.equal(ramMappings(d.child), threads);
+        // A valid table that lacks the RAM holding the rings: the old mapping goes, the ring breaks.
+        const other = memfdCreate("other-guest-ram");
+        ftruncate(other, 1 << 20);
+        try {
+          const reg = region(0x2_0000_0000, 1 << 20, 0x7e00_0000_0000);
+          assert.equal(await acked(fe, Req.SET_MEM_TABLE, memTable(reg), [other]), 0n);
+        } finally {
+          other.close();
+        }
+        assert.equal(ramMappings(d.child), 0, "the replaced mapping is gone at once (nothing in flight)");
+        assert.match(
+          d.log(),
+          /queue 0 stopped: front-end address 0x[0-9a-f]+\+\d+ is not inside guest memory/,
+        );
+        // Kicks and polling must not touch the ring any more.
+        fe.kickQueue(fe.queues[0]);
+        await sleep(400); // the poll window runs out
+        await probe(fe, "after the ring's memory went away");
       }
-      assert.equal(ramMappings(d.child), 1);
-      // A valid table that lacks the RAM holding the rings: the old mapping goes, the ring breaks.
-      const other = memfdCreate("other-guest-ram");
-      ftruncate(other, 1 << 20);
-      try {
-        const reg = region(0x2_0000_0000, 1 << 20, 0x7e00_0000_0000);
-        assert.equal(await acked(fe, Req.SET_MEM_TABLE, memTable(reg), [other]), 0n);
-      } finally {
-        other.close();
-      }
-      assert.equal(ramMappings(d.child), 0, "the replaced mapping is gone at once (nothing in flight)");
-      assert.match(d.log(), /queue 0 stopped: front-end address 0x[0-9a-f]+\+\d+ is not inside guest memory/);
-      // Kicks and polling must not touch the ring any more.
-      fe.kickQueue(fe.queues[0]);
-      await sleep(400); // the poll window runs out
-      await probe(fe, "after the ring's memory went away");
-    }
-    await expectGood(d, "after a table without the rings");
+      await expectGood(d, "after a table without the rings");
+    });
   });
-});
+}
 
 /** Requests of queue 0 the daemon has taken: completed (used) plus marked in flight (inflight area). */
-function taken(fe: VhostUserFrontend): number {
-  const q = fe.queues[0];
+function taken(fe: VhostUserFrontend, queue = 0): number {
+  const q = fe.queues[queue];
   const region = fe.inflight!;
   const v = new DataView(region.map.bytes.buffer);
+  const at = queue * inflightQueueSize(q.ring.size);
   let marked = 0;
-  for (let i = 0; i < q.ring.size; i++) if (v.getUint8(16 + 16 * i) === 1) marked++;
+  for (let i = 0; i < q.ring.size; i++) if (v.getUint8(at + 16 + 16 * i) === 1) marked++;
   return q.ring.usedIdx() + marked;
 }
 
 /** 32 writes of 64 KiB in flight (io_uring on /dev/shm completes them outside the kick). */
-function writes(fe: VhostUserFrontend, n = 32, seed = 40): { done: Promise<number[]>; data: Uint8Array[] } {
+function writes(
+  fe: VhostUserFrontend,
+  n = 32,
+  seed = 40,
+  queue = 0,
+): { done: Promise<number[]>; data: Uint8Array[] } {
   const data: Uint8Array[] = [];
   const all: Promise<number>[] = [];
   for (let i = 0; i < n; i++) {
     data.push(patternBytes(65536, seed + i));
-    all.push(fe.blkWrite(1024 + 128 * i, data[i]).then((r) => r.status, () => -1));
+    all.push(fe.blkWrite(1024 + 128 * i, data[i], queue).then((r) => r.status, () => -1));
   }
   return { done: Promise.all(all), data };
 }
 
-Deno.test("vhost blk writethrough: GET_VRING_BASE answers only after every write and its flush completed", async () => {
-  await withDaemon("blk", ["--engine=uring", "--poll-us=0"], async (d) => {
-    // The stop arrives at varying moments of the writes' life: in flight, completed and waiting
-    // for their flush, flushing.
-    for (let round = 0; round < 12; round++) {
-      await using fe = await VhostUserFrontend.connect(d.socket, { memSlots: false, queueSize: 128 });
-      await fe.handshake();
-      await fe.start();
-      const q = fe.queues[0];
-      const w = writes(fe, 32, 11 * round);
-      await sleep(0); // the slots are taken and the chains published
-      const spin = performance.now() + (round % 4) * 0.05;
-      while (performance.now() < spin) { /* let the kernel get that far */ }
-      assert.equal(q.ring.publishedIdx, 32);
-      const bases = await fe.stop();
-      // The daemon may not have taken every request before SET_VRING_ENABLE 0 (the kick and the
-      // message race); what it took must be complete when GET_VRING_BASE answers.
-      assert.ok(bases[0] <= 32, `round ${round}: base ${bases[0]}`);
-      assert.equal(
-        q.ring.usedIdx(),
-        bases[0],
-        `round ${round}: GET_VRING_BASE came after every write it took completed`,
-      );
-      // The rest is served after the next start, as QEMU's vm stop / cont would.
-      if (bases[0] < 32) await fe.start(bases);
-      fe.poll(q);
-      assert.deepEqual(await w.done, new Array(32).fill(Blk.S_OK));
-      for (let i = 0; i < 32; i++) {
-        assertSameBytes(readFileRange(d.file, (1024 + 128 * i) * 512, 65536), w.data[i], `write ${i}`);
-      }
-    }
-    assert.doesNotMatch(d.log(), /still in flight/);
-    await expectGood(d, "after stops with flushes pending");
-  });
-});
-
-Deno.test("vhost blk writethrough: a front-end vanishing mid-write does not crash it; the writes land", async () => {
-  await withDaemon("blk", ["--engine=uring", "--poll-us=0"], async (d) => {
-    const data: Uint8Array[] = [];
-    for (let round = 0; round < 3; round++) {
-      const fe = await VhostUserFrontend.connect(d.socket, { memSlots: false });
-      await fe.handshake();
-      await fe.start();
-      const w = writes(fe, 32, 100 + 32 * round);
-      await sleep(0);
-      assert.equal(fe.queues[0].ring.publishedIdx, 32);
-      // The daemon has taken every write (completed, or marked in flight in the inflight area);
-      // a front-end gone before the daemon even saw its kick leaves requests the next one resubmits.
-      await until("the daemon took the 32 writes", () => taken(fe) === 32);
-      await fe.close(); // the socket goes away with the writes in flight
-      w.done.catch(() => {});
-      data.splice(0, data.length, ...w.data);
-      // The next front-end is served only after the writes drained: they are all in the file.
-      await expectGood(d, `after a front-end vanished mid-write (round ${round})`);
-      for (let i = 0; i < 32; i++) {
-        assertSameBytes(readFileRange(d.file, (1024 + 128 * i) * 512, 65536), data[i], `write ${i}`);
-      }
-    }
-  });
-});
-
-Deno.test("vhost blk keeps a replaced mapping only until the I/O popped before the change drained", async () => {
-  await withDaemon("blk", ["--engine=uring", "--poll-us=0"], async (d) => {
-    {
-      await using fe = await VhostUserFrontend.connect(d.socket, { memSlots: false });
-      await fe.handshake();
-      await fe.start();
-      const r = fe.ram.regions[0];
-      let most = 0;
-      for (let round = 0; round < 4; round++) {
-        const w = writes(fe, 32, 7 * round);
-        await sleep(0);
-        // The same RAM again: a new mapping; the old one is retired while the writes use it.
-        const status = await acked(
-          fe,
-          Req.SET_MEM_TABLE,
-          memTable(region(r.gpa, r.size, r.uaddr)),
-          [fe.ram.memfd],
+for (const { threads, args, queue, queues } of THREADINGS) {
+  Deno.test(`vhost blk writethrough: GET_VRING_BASE answers only after every write and its flush completed (queue ${queue} of ${threads} thread(s))`, async () => {
+    await withDaemon("blk", ["--engine=uring", "--poll-us=0", ...args], async (d) => {
+      // The stop arrives at varying moments of the writes' life: in flight, completed and waiting
+      // for their flush, flushing.
+      for (let round = 0; round < 12; round++) {
+        await using fe = await VhostUserFrontend.connect(d.socket, {
+          memSlots: false,
+          queueSize: 128,
+          queues,
+        });
+        await fe.handshake();
+        await fe.start();
+        const q = fe.queues[queue];
+        const w = writes(fe, 32, 11 * round, queue);
+        await sleep(0); // the slots are taken and the chains published
+        const spin = performance.now() + (round % 4) * 0.05;
+        while (performance.now() < spin) { /* let the kernel get that far */ }
+        assert.equal(q.ring.publishedIdx, 32);
+        const bases = await fe.stop();
+        // The daemon may not have taken every request before SET_VRING_ENABLE 0 (the kick and the
+        // message race); what it took must be complete when GET_VRING_BASE answers.
+        assert.ok(bases[queue] <= 32, `round ${round}: base ${bases[queue]}`);
+        assert.equal(
+          q.ring.usedIdx(),
+          bases[queue],
+          `round ${round}: GET_VRING_BASE came after every write it took completed`,
         );
-        assert.equal(status, 0n);
-        most = Math.max(most, ramMappings(d.child));
+        // The rest is served after the next start, as QEMU's vm stop / cont would.
+        if (bases[queue] < 32) await fe.start(bases);
+        fe.poll(q);
         assert.deepEqual(await w.done, new Array(32).fill(Blk.S_OK));
-        await until("the retired mapping is released", () => ramMappings(d.child) === 1);
         for (let i = 0; i < 32; i++) {
-          assertSameBytes(readFileRange(d.file, (1024 + 128 * i) * 512, 65536), w.data[i]);
+          assertSameBytes(readFileRange(d.file, (1024 + 128 * i) * 512, 65536), w.data[i], `write ${i}`);
         }
       }
-      assert.ok(most <= 2, `at most the current and one retired mapping: saw ${most}`);
-      await fe.stop();
-    }
-    await expectGood(d, "after tables replaced under I/O");
+      assert.doesNotMatch(d.log(), /still in flight/);
+      await expectGood(d, "after stops with flushes pending");
+    });
   });
-});
+}
+
+for (const { threads, args, queue, queues } of THREADINGS) {
+  Deno.test(`vhost blk writethrough: a front-end vanishing mid-write does not crash it; the writes land (queue ${queue} of ${threads} thread(s))`, async () => {
+    await withDaemon("blk", ["--engine=uring", "--poll-us=0", ...args], async (d) => {
+      const data: Uint8Array[] = [];
+      for (let round = 0; round < 3; round++) {
+        const fe = await VhostUserFrontend.connect(d.socket, { memSlots: false, queues });
+        await fe.handshake();
+        await fe.start();
+        const w = writes(fe, 32, 100 + 32 * round, queue);
+        await sleep(0);
+        assert.equal(fe.queues[queue].ring.publishedIdx, 32);
+        // The daemon has taken every write (completed, or marked in flight in the inflight area);
+        // a front-end gone before the daemon even saw its kick leaves requests the next one resubmits.
+        await until("the daemon took the 32 writes", () => taken(fe, queue) === 32);
+        await fe.close(); // the socket goes away with the writes in flight
+        w.done.catch(() => {});
+        data.splice(0, data.length, ...w.data);
+        // The next front-end is served only after the writes drained: they are all in the file.
+        await expectGood(d, `after a front-end vanished mid-write (round ${round})`);
+        for (let i = 0; i < 32; i++) {
+          assertSameBytes(readFileRange(d.file, (1024 + 128 * i) * 512, 65536), data[i], `write ${i}`);
+        }
+      }
+    });
+  });
+}
+
+for (const { threads, args, queue, queues } of THREADINGS) {
+  Deno.test(`vhost blk keeps a replaced mapping only until the I/O popped before the change drained (${threads} thread(s))`, async () => {
+    await withDaemon("blk", ["--engine=uring", "--poll-us=0", ...args], async (d) => {
+      {
+        await using fe = await VhostUserFrontend.connect(d.socket, { memSlots: false, queues });
+        await fe.handshake();
+        await fe.start();
+        const r = fe.ram.regions[0];
+        let most = 0;
+        for (let round = 0; round < 4; round++) {
+          const w = writes(fe, 32, 7 * round, queue);
+          await sleep(0);
+          // The same RAM again: a new mapping; the old one is retired while the writes use it.
+          const status = await acked(
+            fe,
+            Req.SET_MEM_TABLE,
+            memTable(region(r.gpa, r.size, r.uaddr)),
+            [fe.ram.memfd],
+          );
+          assert.equal(status, 0n);
+          most = Math.max(most, ramMappings(d.child));
+          assert.deepEqual(await w.done, new Array(32).fill(Blk.S_OK));
+          await until("the retired mapping is released", () => ramMappings(d.child) === threads);
+          for (let i = 0; i < 32; i++) {
+            assertSameBytes(readFileRange(d.file, (1024 + 128 * i) * 512, 65536), w.data[i]);
+          }
+        }
+        assert.ok(most <= threads + 1, `at most the current ones and one retired mapping: saw ${most}`);
+        await fe.stop();
+      }
+      await expectGood(d, "after tables replaced under I/O");
+    });
+  });
+}
 
 // ---- fairness -------------------------------------------------------------------------------------
 

@@ -36,18 +36,30 @@ function popcount(x: number): number {
 export class AllocMap {
   readonly size: number;
   readonly pages: number;
-  readonly #bits: Uint32Array;
-  #unknown: number;
+  /** The bitmap, then the count of unknown pages: shareable with another thread (see `shared`). */
+  readonly shared: SharedArrayBuffer;
+  readonly #bits: Int32Array;
+  readonly #unknown: Int32Array;
 
-  /** A map of `size` bytes with no page known to be allocated. */
-  constructor(size: number) {
+  /**
+   * A map of `size` bytes with no page known to be allocated; or, given another map's `shared`
+   * buffer, that same map seen from this thread (a device whose queues several threads serve).
+   * Bits change with atomic OR/AND, so threads marking pages of one word lose nothing.
+   */
+  constructor(size: number, shared?: SharedArrayBuffer) {
     if (!Number.isSafeInteger(size) || size < 0 || size > ALLOC_MAP_MAX_BYTES) {
       throw new RangeError(`allocation map of ${size} bytes (at most ${ALLOC_MAP_MAX_BYTES})`);
     }
     this.size = size;
     this.pages = Math.ceil(size / ALLOC_PAGE);
-    this.#bits = new Uint32Array(Math.ceil(this.pages / 32));
-    this.#unknown = this.pages;
+    const words = Math.ceil(this.pages / 32);
+    if (shared && shared.byteLength !== (words + 1) * 4) {
+      throw new RangeError(`shared allocation map of ${shared.byteLength} bytes for ${size} bytes`);
+    }
+    this.shared = shared ?? new SharedArrayBuffer((words + 1) * 4);
+    this.#bits = new Int32Array(this.shared, 0, words);
+    this.#unknown = new Int32Array(this.shared, words * 4, 1);
+    if (!shared) this.#unknown[0] = this.pages;
   }
 
   /** A map with the given [start, end) data extents allocated. */
@@ -59,12 +71,12 @@ export class AllocMap {
 
   /** Pages not known to be allocated. */
   get unknownPages(): number {
-    return this.#unknown;
+    return Atomics.load(this.#unknown, 0);
   }
 
   /** Whether every page of [offset, offset+len) is known to be allocated (len 0: true). */
   allocated(offset: number, len: number): boolean {
-    if (this.#unknown === 0) return true;
+    if (this.#unknown[0] === 0) return true;
     const [first, end] = this.#span(offset, len);
     for (let p = first; p < end;) {
       const w = p >>> 5;
@@ -104,12 +116,10 @@ export class AllocMap {
       const w = p >>> 5;
       const bit = p & 31;
       const n = Math.min(32 - bit, end - p);
-      const mask = (n === 32 ? 0xffffffff : ((1 << n) - 1) << bit) >>> 0;
-      const old = this.#bits[w];
-      const next = on ? (old | mask) >>> 0 : (old & ~mask) >>> 0;
-      const changed = popcount((old ^ next) >>> 0);
-      this.#unknown += on ? -changed : changed;
-      this.#bits[w] = next;
+      const mask = n === 32 ? -1 : ((1 << n) - 1) << bit;
+      const old = on ? Atomics.or(this.#bits, w, mask) : Atomics.and(this.#bits, w, ~mask);
+      const changed = popcount(((on ? ~old : old) & mask) >>> 0);
+      if (changed) Atomics.add(this.#unknown, 0, on ? -changed : changed);
       p += n;
     }
   }

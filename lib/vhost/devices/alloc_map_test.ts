@@ -81,3 +81,16 @@ Deno.test("AllocMap refuses sizes past its limit and bad ranges", () => {
   m.markAllocated(15 * P, 100 * P); // clamped to the file
   assert.equal(m.unknownPages, 15);
 });
+
+Deno.test("alloc map shared between two instances: marks made through one are seen through the other", () => {
+  const a = AllocMap.fromExtents(1 << 20, [[0, 8192]]);
+  const b = new AllocMap(1 << 20, a.shared);
+  assert.equal(b.allocated(0, 8192), true, "the seed is shared");
+  assert.equal(b.unknownPages, 254);
+  b.markAllocated(65536, 4096);
+  a.markUnknown(0, 4096);
+  assert.equal(a.allocated(65536, 4096), true);
+  assert.equal(b.allocated(0, 4096), false);
+  assert.equal(a.unknownPages, 254);
+  assert.throws(() => new AllocMap(2 << 20, a.shared), /shared allocation map of \d+ bytes/);
+});

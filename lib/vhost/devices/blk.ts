@@ -62,6 +62,14 @@ export interface BlkOptions {
   engine?: EngineChoice;
   /** vmcopy: helper threads sharing the copies of big batches, 0 or 1 (default 1). */
   ioThreads?: number;
+  /** Another instance's {@link BlkDevice.shared} (the same device, other queues, another thread). */
+  shared?: BlkShared;
+}
+
+/** What instances of one device on several threads share (plain data: it crosses postMessage). */
+export interface BlkShared extends Record<string, SharedArrayBuffer | undefined> {
+  /** vmcopy on tmpfs: the allocation map's memory. */
+  alloc?: SharedArrayBuffer;
 }
 
 /** Opens the backing file or block device; throws naming the file and what is wrong with it. */
@@ -135,7 +143,7 @@ export class BlkDevice implements VhostUserDevice {
     }
     if (this.engine === "vmcopy") {
       try {
-        this.#vm = VmCopyFile.open(file);
+        this.#vm = VmCopyFile.open(file, options.shared?.alloc);
       } catch (e) {
         throw new Error(`engine vmcopy: ${(e as Error).message}`);
       }
@@ -154,6 +162,11 @@ export class BlkDevice implements VhostUserDevice {
     else f |= bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES);
     this.features = f;
     this.#fillConfig();
+  }
+
+  /** What another instance of this device (on a queue thread) must share with this one. */
+  get shared(): BlkShared {
+    return { alloc: this.#vm?.alloc?.shared };
   }
 
   #fillConfig(): void {

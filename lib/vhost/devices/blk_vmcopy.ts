@@ -117,15 +117,18 @@ export class VmCopyFile {
   }
 
   /**
-   * Maps `file` (read-only when it was opened so) and seeds the allocation map of a tmpfs file;
+   * Maps `file` (read-only when it was opened so) and seeds the allocation map of a tmpfs file
+   * (or, with `sharedAlloc`, uses another instance's map of the same file: see AllocMap);
    * throws Error naming why when vmCopyUsable() says no or the mapping fails.
    */
-  static open(file: OwnedFd): VmCopyFile {
+  static open(file: OwnedFd, sharedAlloc?: SharedArrayBuffer): VmCopyFile {
     const usable = vmCopyUsable(file);
     if (!usable.ok) throw new Error(`vmcopy engine cannot serve ${file.label}: ${usable.reason}`);
     let alloc: AllocMap | null = null;
     if (fileSystemType(file) === TMPFS_MAGIC) {
-      alloc = AllocMap.fromExtents(usable.size, dataExtents(file, usable.size, MAX_SEED_EXTENTS) ?? []);
+      alloc = sharedAlloc
+        ? new AllocMap(usable.size, sharedAlloc)
+        : AllocMap.fromExtents(usable.size, dataExtents(file, usable.size, MAX_SEED_EXTENTS) ?? []);
     }
     let map: MappedRegion;
     try {
