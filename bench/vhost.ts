@@ -303,6 +303,13 @@ const BACKENDS: Record<string, BackendSpec> = {
   },
   "mpq": { id: "mpq", label: "mpq", family: "mpq", queues: 1, mpqArgs: [] },
   "mpq-2q": { id: "mpq-2q", label: "mpq", family: "mpq", queues: 2, mpqArgs: [] },
+  "mpq-2q-1t": {
+    id: "mpq-2q-1t",
+    label: "mpq --queue-threads=1",
+    family: "mpq",
+    queues: 2,
+    mpqArgs: ["--queue-threads=1"],
+  },
   "lvu": { id: "lvu", label: "libvhost-user", family: "lvu", queues: 1, mpqArgs: [] },
   "qsd": { id: "qsd", label: "qsd", family: "qsd", queues: 1, mpqArgs: [] },
   "qsd-2q": { id: "qsd-2q", label: "qsd", family: "qsd", queues: 2, mpqArgs: [] },
@@ -413,7 +420,7 @@ function allWorkloads(): Workload[] {
       rw: "randread",
       depth: 16,
       wait: "call",
-      cells: ["mpq-2q", "lvu", "qsd-2q"].flatMap((
+      cells: ["mpq-2q", "mpq-2q-1t", "lvu", "qsd-2q"].flatMap((
         backend,
       ) => [{ backend, queues: 1 }, { backend, queues: 2 }]),
       targets: [],
@@ -627,11 +634,11 @@ function explainQueues(w: Workload, cells: CellRuns[]): string[] {
     parts.push(`${BACKENDS[c.backend].label} ${be.toFixed(0)}% + drivers ${drv.toFixed(0)}%`);
   });
   return [
-    `  what limits it: ${cores} cores for the back-end and both driver threads. Every back-end here serves ` +
-    `all queues of a device from one thread (mpq: its event loop, plus the one copy helper its queues share; ` +
-    `libvhost-user: its loop; qsd: its main loop, plus the thread pool doing the preadv), so a second queue ` +
-    `adds a driver thread and requests in flight, not a back-end core; and a sleeping driver's wake-ups cost ` +
-    `CPU on the same ${cores} cores.`,
+    `  what limits it: ${cores} cores for the back-end and both driver threads. mpq serves the second queue ` +
+    `on a queue thread (--queue-threads, default the CPU count; "--queue-threads=1" serves both from one ` +
+    `thread, as libvhost-user's loop and qsd's main loop with its preadv thread pool do), so a second queue ` +
+    `adds a back-end core only where one is free; a sleeping driver's wake-ups cost CPU on the same ` +
+    `${cores} cores.`,
     ...(parts.length
       ? [`  CPU at 2 queues (percent of one core; ${cores * 100}% in all): ${parts.join("; ")}.`]
       : []),
