@@ -18,12 +18,14 @@ import {
   type Watch,
 } from "../../ffi/mod.ts";
 import type { DeviceContext, VhostUserDevice } from "./backend.ts";
+import { DirtyLog } from "./dirty_log.ts";
 import { GuestMemory, GuestMemoryError, memoryFdProblem } from "./guest_memory.ts";
 import { InflightQueue, inflightQueueSize } from "./inflight.ts";
 import {
   bit,
   decodeConfig,
   decodeInflight,
+  decodeLog,
   decodeMemTable,
   decodeSingleRegion,
   decodeU64,
@@ -45,15 +47,21 @@ import {
 } from "./message.ts";
 import { MAX_QUEUE_SIZE, VirtQueue, VirtqueueError } from "./virtqueue.ts";
 
-/** Protocol features we offer (never STATUS, LOG_*, or anything needing dirty logging). */
-export const OFFERED_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) |
-  bit(ProtocolFeature.CONFIG) | bit(ProtocolFeature.INFLIGHT_SHMFD) |
+/** Protocol features we offer (LOG_SHMFD: the dirty log of live migration; never STATUS). */
+export const OFFERED_PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.LOG_SHMFD) |
+  bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) | bit(ProtocolFeature.INFLIGHT_SHMFD) |
   bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) | bit(ProtocolFeature.RESET_DEVICE);
 
-/** Transport features every device gets. */
+/** Transport features every device gets (LOG_ALL: dirty logging while QEMU migrates the guest). */
 export const TRANSPORT_FEATURES = bit(VirtioFeature.VERSION_1) | bit(VirtioFeature.RING_EVENT_IDX) |
   bit(VirtioFeature.RING_INDIRECT_DESC) | bit(VirtioFeature.NOTIFY_ON_EMPTY) |
-  bit(VirtioFeature.PROTOCOL_FEATURES);
+  bit(VirtioFeature.PROTOCOL_FEATURES) | bit(VirtioFeature.LOG_ALL);
+
+/** SET_VRING_ADDR flag: log used-ring writes at log_guest_addr. */
+export const VRING_F_LOG = 1;
+
+/** The largest dirty log accepted (1 bit per 4 KiB: 16 GiB of log covers 512 TiB of guest). */
+export const MAX_LOG_BYTES = 16n << 30n;
 
 /** Memory slots offered with CONFIGURE_MEM_SLOTS. */
 export const MAX_MEM_SLOTS = 32;
@@ -153,6 +161,10 @@ export class VhostUserHandler implements MessageHandler {
   readonly #log: (line: string) => void;
   readonly #onKick: ((q: VirtQueue) => void) | undefined;
   #inflightMap: MappedRegion | null = null;
+  /** The dirty log (SET_LOG_BASE): rings mark it while LOG_ALL is negotiated. */
+  #dirtyLog: DirtyLog | null = null;
+  /** SET_LOG_FD's eventfd (kept; closed with the connection). */
+  #logFd: OwnedFd | null = null;
   /**
    * Mappings replaced while I/O may still point into them, each with every queue's retire mark
    * at the time: unmapped as soon as everything popped before it has completed.
@@ -205,6 +217,8 @@ export class VhostUserHandler implements MessageHandler {
     on(Request.SET_CONFIG, this.#setConfig);
     on(Request.GET_INFLIGHT_FD, this.#getInflightFd, true);
     on(Request.SET_INFLIGHT_FD, this.#setInflightFd);
+    on(Request.SET_LOG_BASE, this.#setLogBase, true);
+    on(Request.SET_LOG_FD, this.#setLogFd);
   }
 
   /** Request codes this handler knows. */
@@ -287,6 +301,11 @@ export class VhostUserHandler implements MessageHandler {
       this.memory = null;
       this.#inflightMap?.close();
       this.#inflightMap = null;
+      for (const q of this.queues) q.dirtyLog = null;
+      this.#dirtyLog?.close();
+      this.#dirtyLog = null;
+      this.#logFd?.close();
+      this.#logFd = null;
       for (const r of this.#retired.splice(0)) r.what.close();
     };
     const wait = this.#resetQueues();
@@ -438,7 +457,64 @@ export class VhostUserHandler implements MessageHandler {
     this.features = f;
     const eventIdx = (f & bit(VirtioFeature.RING_EVENT_IDX)) !== 0n;
     for (const q of this.queues) q.eventIdx = eventIdx;
+    this.#applyLog();
     this.device.setFeatures(f);
+  }
+
+  /** Whether the rings log their writes: LOG_ALL negotiated and a log given. */
+  get logging(): boolean {
+    return (this.features & bit(VirtioFeature.LOG_ALL)) !== 0n && this.#dirtyLog !== null;
+  }
+
+  #applyLog(): void {
+    const log = this.logging ? this.#dirtyLog : null;
+    for (const q of this.queues) q.dirtyLog = log;
+  }
+
+  /**
+   * SET_LOG_BASE: maps the dirty log (checked against the fd's real size) and answers (QEMU waits
+   * for the reply with LOG_SHMFD). A new log replaces the old at once: marking is synchronous, so
+   * nothing still points into the old one.
+   */
+  #setLogBase(m: Message): Result {
+    const p = decodeLog(m.request, m.payload);
+    const [fd] = this.#take(m, 1);
+    try {
+      if (p.mmapSize === 0n || p.mmapSize > MAX_LOG_BYTES) {
+        throw new VhostMessageError(`dirty log of ${p.mmapSize} bytes: expected 1..${MAX_LOG_BYTES}`);
+      }
+      if (p.mmapOffset > 1n << 48n) {
+        throw new VhostMessageError(`dirty log offset ${p.mmapOffset} out of range`);
+      }
+      const problem = memoryFdProblem(fd, p.mmapOffset + p.mmapSize, {
+        fd: "the log fd",
+        kinds: "memfd or shm",
+        need: "mmap_offset + mmap_size",
+      });
+      if (problem) throw new VhostMessageError(problem);
+      // Mapped from 0 (an offset need not be page aligned), the log at its offset in the mapping.
+      const map = mapShared(fd, Number(p.mmapOffset + p.mmapSize));
+      const log = new DirtyLog(map, Number(p.mmapOffset), Number(p.mmapSize));
+      const old = this.#dirtyLog;
+      this.#dirtyLog = log;
+      this.#applyLog();
+      old?.close();
+    } finally {
+      fd.close();
+    }
+    return { payload: encodeU64(0n) };
+  }
+
+  /** SET_LOG_FD: the eventfd to signal when the log was written (kept; QEMU 7.2 never reads it). */
+  #setLogFd(m: Message): void {
+    const [fd] = this.#take(m, 1);
+    const kind = fdKind(fd);
+    if (kind !== "eventfd") {
+      fd.close();
+      throw new VhostMessageError(`the log fd is a ${kind}, expected an eventfd`);
+    }
+    this.#logFd?.close();
+    this.#logFd = fd;
   }
 
   #getProtocolFeatures(): Result {
@@ -563,6 +639,7 @@ export class VhostUserHandler implements MessageHandler {
     const a = decodeVringAddr(m.request, m.payload);
     const q = this.#queue(a.index);
     q.setAddresses(a.desc, a.avail, a.used);
+    q.logUsedGpa = (a.flags & VRING_F_LOG) !== 0 ? Number(a.log) : -1;
   }
 
   #setVringBase(m: Message): void {

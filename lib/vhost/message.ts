@@ -367,6 +367,32 @@ export function encodeConfig(c: ConfigPayload): Uint8Array<ArrayBuffer> {
   return out;
 }
 
+// ---- dirty log ----
+
+/** SET_LOG_BASE payload (VhostUserLog): the log's size and its offset in the fd. */
+export interface LogPayload {
+  mmapSize: bigint;
+  mmapOffset: bigint;
+}
+
+/** Size of the SET_LOG_BASE payload. */
+export const LOG_SIZE = 16;
+
+/** Decodes a SET_LOG_BASE payload. */
+export function decodeLog(request: number, p: Uint8Array): LogPayload {
+  const v = expectSize(request, p, LOG_SIZE);
+  return { mmapSize: v.getBigUint64(0, true), mmapOffset: v.getBigUint64(8, true) };
+}
+
+/** Encodes a SET_LOG_BASE payload. */
+export function encodeLog(l: LogPayload): Uint8Array<ArrayBuffer> {
+  const out = new Uint8Array(LOG_SIZE);
+  const v = view(out);
+  v.setBigUint64(0, l.mmapSize, true);
+  v.setBigUint64(8, l.mmapOffset, true);
+  return out;
+}
+
 // ---- inflight ----
 
 /** GET/SET_INFLIGHT_FD payload. */

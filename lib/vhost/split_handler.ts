@@ -4,7 +4,7 @@
  * - A message about one ring (SET_VRING_*, GET_VRING_BASE) goes to the thread that owns that ring;
  *   its answer is that thread's.
  * - A message that changes device-wide state (features, owner, reset, memory table, inflight
- *   area, config) is handled here first; when it succeeded, every queue thread gets it too (with
+ *   area, config, dirty log) is handled here first; when it succeeded, every queue thread gets it too (with
  *   duplicates of its fds) and the answer waits until they all have it, so QEMU never uses a
  *   memory region a queue thread has not mapped.
  * - Everything else (GET_FEATURES, GET_CONFIG, ...) is answered here.
@@ -40,6 +40,8 @@ const DEVICE_MESSAGES: ReadonlySet<number> = new Set([
   Request.REM_MEM_REG,
   Request.SET_INFLIGHT_FD,
   Request.SET_CONFIG,
+  Request.SET_LOG_BASE,
+  Request.SET_LOG_FD,
 ]);
 
 /**

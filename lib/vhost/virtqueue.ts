@@ -10,6 +10,7 @@
  * @module
  */
 import type { EventFd, IoVecs } from "../../ffi/mod.ts";
+import type { DirtyLog } from "./dirty_log.ts";
 import type { GuestMemory, GuestRegion } from "./guest_memory.ts";
 import type { InflightQueue } from "./inflight.ts";
 
@@ -189,6 +190,15 @@ export class VirtQueue {
   stopping = false;
   /** Called after each used element while set (the handler releases retired mappings from here). */
   onComplete: (() => void) | null = null;
+  /**
+   * The dirty log while QEMU migrates (LOG_ALL): every completed chain's device-writable buffers
+   * and the used ring are marked after they were written. null: no logging (the hot path pays one
+   * comparison).
+   */
+  dirtyLog: DirtyLog | null = null;
+  /** Guest-physical address of the used ring for the log (SET_VRING_ADDR with VRING_F_LOG), or -1. */
+  logUsedGpa = -1;
+  readonly #logChain = new DescriptorChain();
 
   #memory: GuestMemory | null = null;
   #desc: GuestRegion | null = null;
@@ -504,6 +514,7 @@ export class VirtQueue {
     if (this.#batchN >= MAX_QUEUE_SIZE) this.flush();
     const used = this.#used;
     if (!used) return; // stopped meanwhile: the front-end owns the ring now
+    if (this.dirtyLog !== null) this.#logWrites(head);
     const slot = this.#usedRing + 2 * (this.usedIdx & (this.size - 1));
     used.u32[slot] = head;
     used.u32[slot + 1] = len;
@@ -526,6 +537,7 @@ export class VirtQueue {
     const inflight = this.inflight;
     if (inflight) inflight.prepareBatch(this.#batch, n);
     Atomics.store(this.#used.u16, this.#usedIdxPos, this.usedIdx);
+    if (this.dirtyLog !== null) this.#logUsedRing();
     if (inflight) inflight.finishBatch(this.#batch, n, this.usedIdx);
     this.#batchN = 0;
     const old = this.#publishedUsed;
@@ -552,8 +564,37 @@ export class VirtQueue {
   enableNotification(): boolean {
     if (!this.#used) return false;
     if (this.#suppressed) return this.hasWork();
-    if (this.eventIdx) Atomics.store(this.#used.u16, this.#usedIdxPos + 1 + 4 * this.size, this.lastAvail);
+    if (this.eventIdx) {
+      Atomics.store(this.#used.u16, this.#usedIdxPos + 1 + 4 * this.size, this.lastAvail);
+      if (this.dirtyLog !== null) this.#logUsedRing();
+    }
     return this.hasWork();
+  }
+
+  /**
+   * Marks the device-writable buffers of a completed chain in the dirty log (all of each buffer:
+   * a page marked needlessly costs a resend, a page missed corrupts the migrated guest). The chain
+   * is walked again from the descriptor table; a driver that rewrote it meanwhile only hurts its
+   * own migration, so a walk that fails marks nothing more.
+   */
+  #logWrites(head: number): void {
+    const log = this.dirtyLog!;
+    const c = this.#logChain;
+    try {
+      this.#walk(head, c);
+    } catch {
+      return;
+    }
+    for (let i = 0; i < c.count; i++) {
+      if (c.writes[i] !== 1) continue;
+      const r = c.regions[i]!;
+      log.mark(r.guestAddr + (c.offsets[i] - r.base), c.lengths[i]);
+    }
+  }
+
+  /** Marks the used ring (flags, idx, ring, avail_event) in the dirty log. */
+  #logUsedRing(): void {
+    if (this.logUsedGpa >= 0) this.dirtyLog!.mark(this.logUsedGpa, 6 + 8 * this.size);
   }
 
   /** Whether kicks are suppressed (busy-polling). */

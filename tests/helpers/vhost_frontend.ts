@@ -17,14 +17,30 @@
 import {
   connectUnix,
   EventFd,
+  ftruncate,
   type MappedRegion,
   mapShared,
+  memfdCreate,
   type OwnedFd,
   Reactor,
   type UnixSocket,
   type Watch,
 } from "../../ffi/mod.ts";
 import { GuestRam, type Segment, SplitQueue } from "./virtio_ring.ts";
+
+/** The dirty log a front-end shared with startDirtyLog(). */
+export interface FrontendDirtyLog {
+  /** The bitmap: bit page % 8 of byte page / 8. */
+  bits: Uint8Array;
+  /** The guest-physical page numbers marked. */
+  pages(): number[];
+  /** Clears every bit (as QEMU does when it syncs). */
+  clear(): void;
+  /** Ends logging (SET_FEATURES without LOG_ALL, rings without VRING_F_LOG); the bitmap stays. */
+  stop(): Promise<void>;
+  /** Unmaps the bitmap. */
+  close(): void;
+}
 
 /** vhost-user request codes (front-end to back-end). */
 export const Req = {
@@ -92,6 +108,7 @@ export const Feature = {
   BLK_DISCARD: 1n << 13n,
   BLK_WRITE_ZEROES: 1n << 14n,
   NOTIFY_ON_EMPTY: 1n << 24n,
+  LOG_ALL: 1n << 26n,
   ANY_LAYOUT: 1n << 27n,
   RING_INDIRECT_DESC: 1n << 28n,
   RING_EVENT_IDX: 1n << 29n,
@@ -201,6 +218,8 @@ export interface FrontendOptions {
   memSlots?: boolean;
   /** need_reply on every SET_* message when REPLY_ACK is negotiated. Default false (as QEMU). */
   ackAll?: boolean;
+  /** Negotiate LOG_SHMFD when offered (QEMU does, to migrate). Default true. */
+  logShmfd?: boolean;
   /** Bytes GET_CONFIG asks for (default 57, as QEMU 7.2 for a blk device with discard+write-zeroes). */
   configSize?: number;
   /** Data bytes per request slot (default 128 KiB). */
@@ -396,6 +415,7 @@ export class VhostUserFrontend {
       indirect: options.indirect ?? false,
       inflight: options.inflight ?? true,
       memSlots: options.memSlots ?? true,
+      logShmfd: options.logShmfd ?? true,
       ackAll: options.ackAll ?? false,
       configSize: options.configSize ?? 57,
       maxRequestBytes: options.maxRequestBytes ?? 128 << 10,
@@ -703,6 +723,7 @@ export class VhostUserFrontend {
     let want = Proto.MQ | Proto.REPLY_ACK | Proto.CONFIG | Proto.RESET_DEVICE;
     if (o.inflight) want |= Proto.INFLIGHT_SHMFD;
     if (o.memSlots) want |= Proto.CONFIGURE_MEM_SLOTS;
+    if (o.logShmfd) want |= Proto.LOG_SHMFD;
     if (o.device !== "blk") want &= ~Proto.CONFIG;
     const ackedProtocol = protocolFeatures & want;
     await this.send(Req.SET_PROTOCOL_FEATURES, u64Payload(ackedProtocol));
@@ -797,15 +818,7 @@ export class VhostUserFrontend {
       const base = bases?.[q.index] ?? q.ring.publishedIdx;
       await this.send(Req.SET_VRING_NUM, statePayload(q.index, q.ring.size), { reply: ack });
       await this.send(Req.SET_VRING_BASE, statePayload(q.index, base), { reply: ack });
-      const a = new Uint8Array(40);
-      const v = new DataView(a.buffer);
-      v.setUint32(0, q.index, true);
-      v.setUint32(4, 0, true);
-      v.setBigUint64(8, BigInt(this.ram.uaddr(q.ring.descGpa)), true);
-      v.setBigUint64(16, BigInt(this.ram.uaddr(q.ring.usedGpa)), true);
-      v.setBigUint64(24, BigInt(this.ram.uaddr(q.ring.availGpa)), true);
-      v.setBigUint64(32, 0n, true);
-      await this.send(Req.SET_VRING_ADDR, a, { reply: ack });
+      await this.#sendVringAddr(q, false, ack);
       await this.send(Req.SET_VRING_KICK, u64Payload(q.index), { fds: [q.kick.fd], reply: ack });
     }
     for (const q of this.queues) {
@@ -816,6 +829,63 @@ export class VhostUserFrontend {
       if (q.ring.inFlight > 0) this.kickQueue(q);
     }
     this.#started = true;
+  }
+
+  /**
+   * What QEMU does when a migration starts (vhost_dev_set_log): a log memfd covering all guest RAM
+   * (one bit per 4 KiB page) with SET_LOG_BASE (the back-end answers), SET_FEATURES with LOG_ALL,
+   * then SET_VRING_ADDR with VRING_F_LOG and the used ring's guest address for every ring.
+   */
+  async startDirtyLog(): Promise<FrontendDirtyLog> {
+    const info = this.info;
+    if (!info || !this.#started) throw new FrontendError("startDirtyLog() before start()");
+    if (!(info.ackedProtocol & Proto.LOG_SHMFD)) throw new FrontendError("LOG_SHMFD was not negotiated");
+    const top = Math.max(...this.ram.regions.map((r) => r.gpa + r.size));
+    const bytes = Math.ceil(top / 4096 / 64) * 8;
+    const fd = memfdCreate("vhost-frontend-log");
+    ftruncate(fd, bytes);
+    const map = mapShared(fd, bytes);
+    try {
+      const p = new Uint8Array(16);
+      new DataView(p.buffer).setBigUint64(0, BigInt(bytes), true);
+      const m = (await this.send(Req.SET_LOG_BASE, p, { fds: [fd], reply: "payload" }))!;
+      for (const f of m.fds) f.close();
+    } finally {
+      fd.close();
+    }
+    // QEMU waits for these acks (with REPLY_ACK) so the back-end is logging before the guest goes on.
+    const ack = "ack";
+    await this.send(Req.SET_FEATURES, u64Payload(info.acked | Feature.LOG_ALL), { reply: ack });
+    for (const q of this.queues) await this.#sendVringAddr(q, true, ack);
+    const log: FrontendDirtyLog = {
+      bits: map.bytes,
+      pages: () => {
+        const out: number[] = [];
+        map.bytes.forEach((b, i) => {
+          for (let k = 0; k < 8; k++) if (b & (1 << k)) out.push(i * 8 + k);
+        });
+        return out;
+      },
+      clear: () => map.bytes.fill(0),
+      stop: async () => {
+        await this.send(Req.SET_FEATURES, u64Payload(info.acked), { reply: ack });
+        for (const q of this.queues) await this.#sendVringAddr(q, false, ack);
+      },
+      close: () => map.close(),
+    };
+    return log;
+  }
+
+  async #sendVringAddr(q: FrontendQueue, log: boolean, ack: "ack" | "none"): Promise<void> {
+    const a = new Uint8Array(40);
+    const v = new DataView(a.buffer);
+    v.setUint32(0, q.index, true);
+    v.setUint32(4, log ? 1 : 0, true);
+    v.setBigUint64(8, BigInt(this.ram.uaddr(q.ring.descGpa)), true);
+    v.setBigUint64(16, BigInt(this.ram.uaddr(q.ring.usedGpa)), true);
+    v.setBigUint64(24, BigInt(this.ram.uaddr(q.ring.availGpa)), true);
+    v.setBigUint64(32, log ? BigInt(q.ring.usedGpa) : 0n, true);
+    await this.send(Req.SET_VRING_ADDR, a, { reply: ack });
   }
 
   #inflightPayload(r: InflightRegion): Uint8Array<ArrayBuffer> {

@@ -25,6 +25,7 @@ Deno.test("vhost blk handshake offers the features of the issue and a correct co
         DISCARD: Feature.BLK_DISCARD,
         WRITE_ZEROES: Feature.BLK_WRITE_ZEROES,
         MQ: Feature.BLK_MQ,
+        LOG_ALL: Feature.LOG_ALL,
       })
     ) assert.ok(info.features & bit, `feature ${name} offered (got 0x${info.features.toString(16)})`);
     assert.equal(info.features & Feature.RING_PACKED, 0n, "no packed rings");
@@ -40,7 +41,8 @@ Deno.test("vhost blk handshake offers the features of the issue and a correct co
         RESET_DEVICE: Proto.RESET_DEVICE,
       })
     ) assert.ok(info.protocolFeatures & bit, `protocol feature ${name} offered`);
-    assert.equal(info.protocolFeatures & (Proto.STATUS | Proto.LOG_SHMFD), 0n, "no STATUS or LOG_SHMFD");
+    assert.equal(info.protocolFeatures & Proto.STATUS, 0n, "no STATUS");
+    assert.equal(info.protocolFeatures & Proto.LOG_SHMFD, Proto.LOG_SHMFD, "LOG_SHMFD: VMs can migrate");
     assert.equal(info.queueNum, 2);
     assert.ok(info.maxMemSlots >= 8, `GET_MAX_MEM_SLOTS ${info.maxMemSlots}`);
     const cfg = fe.blkConfig;
