@@ -275,7 +275,7 @@ async function migrateAndVerify(
   }
 }
 
-async function freePort(): Promise<number> {
+function freePort(): number {
   const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (l.addr as Deno.NetAddr).port;
   l.close();
@@ -296,7 +296,7 @@ Deno.test({
     "vhost migrate e2e: the same over TCP on 127.0.0.1, 16 MiB/s for 3 s, the guest reading heavily (device writes into guest RAM)",
   ignore,
   async fn() {
-    const port = await freePort();
+    const port = freePort();
     await withEnv(4, (env) => migrateAndVerify(env, () => `tcp:127.0.0.1:${port}`, 16 << 20));
   },
 });
