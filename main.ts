@@ -17,6 +17,10 @@ const COMMANDS: Record<string, Command> = {
     summary: "multi-process QEMU from a JSON topology",
     main: async (a) => (await import("./lib/orchestrate/cli.ts")).main(a),
   },
+  ctl: {
+    summary: "control a running mpq orchestrate (status, live migration)",
+    main: async (a) => (await import("./lib/orchestrate/ctl_cli.ts")).ctlMain(a),
+  },
   qmp: {
     summary: "run one QMP command on a QEMU monitor socket",
     main: async (a) => (await import("./lib/orchestrate/cli.ts")).qmpMain(a),

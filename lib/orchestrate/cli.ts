@@ -7,13 +7,14 @@ import { Reactor } from "../../ffi/mod.ts";
 import { InputError, UsageError } from "../cli/errors.ts";
 import { selfCommand } from "../cli/self.ts";
 import { DEMO_INTRO, demoTopology, watchDemo } from "./demo.ts";
+import { incomingProblem, migrationBlockers } from "./migration.ts";
 import { formatPlan, planTopology } from "./plan.ts";
 import { QmpClient, QmpClosedError, QmpError } from "./qmp.ts";
 import { runPlan } from "./supervise.ts";
 import { parseTopology, type Topology, TopologyError } from "./topology.ts";
 
 /** Usage of `mpq orchestrate`. */
-export const ORCHESTRATE_USAGE = `Usage: mpq orchestrate TOPOLOGY.json [--dry-run [--json]]
+export const ORCHESTRATE_USAGE = `Usage: mpq orchestrate TOPOLOGY.json [--incoming URI] [--dry-run [--json]]
        mpq orchestrate --demo [--dry-run [--json]]
 
 Launches one VM as several processes from a JSON topology (QEMU multi-process remote devices,
@@ -26,7 +27,13 @@ Options:
   --dry-run        print the launch plan (processes, argv, fds, start order, QMP steps); start nothing
   --json           with --dry-run: the plan as JSON
   --stop-timeout MS  bound for each teardown stage (QMP quit, SIGTERM) before the next (default 5000)
-  -h, --help       this text`;
+  --incoming URI   be a live migration's destination (tcp:HOST:PORT or unix:PATH): the back-ends
+                   start, QEMU waits with -incoming, the guest runs once the source migrated it
+                   (the source: mpq ctl CONTROL-SOCKET migrate URI)
+  -h, --help       this text
+
+The control socket (printed at start, in the runtime directory) takes \`mpq ctl SOCKET status\` and
+\`mpq ctl SOCKET migrate URI\`.`;
 
 /** Usage of `mpq qmp`. */
 export const QMP_USAGE = `Usage: mpq qmp SOCKET COMMAND [JSON-ARGS] [--greeting]
@@ -56,6 +63,7 @@ export async function main(args: string[]): Promise<number> {
         "dry-run": { type: "boolean" },
         json: { type: "boolean" },
         "stop-timeout": { type: "string" },
+        incoming: { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -113,18 +121,35 @@ export async function main(args: string[]): Promise<number> {
   }
   const name = makeTopology(`${tmpBase()}/mpq-X`).name;
   const self = selfCommand();
+  const incoming = v.incoming;
+  const blockers = migrationBlockers(makeTopology(`${tmpBase()}/mpq-X`));
+  if (incoming !== undefined) {
+    const problem = incomingProblem(incoming);
+    if (problem) throw new UsageError(`--incoming: ${problem}`, ORCHESTRATE_USAGE);
+    if (v.demo) throw new UsageError("--incoming goes with a topology file, not --demo", ORCHESTRATE_USAGE);
+    const t = makeTopology(`${tmpBase()}/mpq-X`);
+    if (t.start !== "run") {
+      throw new InputError(
+        `${pos[0]}: start: --incoming needs "run" (the guest runs once migrated in): got "${t.start}"`,
+      );
+    }
+    if (blockers.length > 0) {
+      throw new InputError(`${pos[0]}: cannot be a migration destination: ${blockers.join("; ")}`);
+    }
+  }
 
   if (v["dry-run"]) {
     const plan = planTopology(makeTopology(`${tmpBase()}/mpq-${name}-XXXXXX`), {
       runtimeDir: `${tmpBase()}/mpq-${name}-XXXXXX`,
       self,
+      incoming,
     });
     console.log(v.json ? JSON.stringify(plan, null, 2) : formatPlan(plan));
     return 0;
   }
 
   const runtimeDir = Deno.makeTempDirSync({ prefix: `mpq-${name}-` });
-  const plan = planTopology(makeTopology(runtimeDir), { runtimeDir, self });
+  const plan = planTopology(makeTopology(runtimeDir), { runtimeDir, self, incoming });
   if (v.demo) console.log(DEMO_INTRO);
   const log = (l: string) => console.log(l);
   return await runPlan(plan, {
@@ -132,6 +157,8 @@ export async function main(args: string[]): Promise<number> {
     error: (l) => console.error(`mpq orchestrate: ${l}`),
     stopTimeoutMs,
     whileRunning: v.demo ? (vm) => watchDemo(vm, { log }) : undefined,
+    controlPath: `${runtimeDir}/control.sock`,
+    migrationBlockers: blockers,
   });
 }
 

@@ -377,8 +377,31 @@ export class Vm {
       await this.#ready(child);
     }
     await this.runQmp(this.plan.qmp.startup);
-    if (this.plan.start === "run") this.#log("qmp", "guest running (started without -S)");
+    if (this.plan.incoming) await this.#migratedIn(this.plan.incoming);
+    else if (this.plan.start === "run") this.#log("qmp", "guest running (started without -S)");
     await this.runQmp(this.plan.qmp.afterStart);
+  }
+
+  /**
+   * A migration destination: waits (as long as it takes: the source decides when) until QEMU has
+   * received the guest and runs it. A failed incoming migration ends QEMU, which the supervisor
+   * reports.
+   */
+  async #migratedIn(uri: string): Promise<void> {
+    this.#log("qmp incoming", `waiting for the migration on ${uri}`);
+    const qmp = this.#qmp!;
+    let announced = false;
+    while (!this.#stopped) {
+      const st = await qmp.execute("query-status") as { status?: string };
+      if (st.status === "running") break;
+      if (st.status !== "inmigrate" && !announced) {
+        this.#log("qmp incoming", `receiving (${st.status})`);
+        announced = true;
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    if (this.#stopped) throw new LaunchError("the VM was torn down before the migration came in");
+    this.#log("qmp incoming", "migration completed: guest running");
   }
 
   async #stopChild(c: RunningChild, bound: number): Promise<void> {

@@ -12,6 +12,8 @@ export interface PlanContext {
   runtimeDir: string;
   /** argv prefix that runs mpq itself (lib/cli/self.ts selfCommand()). */
   self: readonly string[];
+  /** Start as a live migration's destination: QEMU waits with `-incoming URI`. */
+  incoming?: string;
 }
 
 /** A listening UNIX socket the orchestrator creates at `path` before anything starts. */
@@ -89,6 +91,8 @@ export interface Plan {
   name: string;
   runtimeDir: string;
   start: Topology["start"];
+  /** A migration destination: QEMU runs the guest once the migration on this URI completed. */
+  incoming?: string;
   resources: Resource[];
   external: ExternalSocket[];
   processes: PlannedProcess[];
@@ -298,6 +302,7 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
   for (const d of t.disks) q.push("-drive", driveOpts(d, ",if=virtio"));
   if (t.start === "paused" || t.start === "preconfig-paused") q.push("-S");
   if (t.start === "preconfig" || t.start === "preconfig-paused") q.push("--preconfig");
+  if (ctx.incoming) q.push("-incoming", ctx.incoming);
   q.push(...qemuDevArgs, ...t.extraArgs);
 
   const startup: PlannedQmpCommand[] = [
@@ -315,6 +320,7 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
     name: t.name,
     runtimeDir: dir,
     start: t.start,
+    ...(ctx.incoming ? { incoming: ctx.incoming } : {}),
     resources,
     external,
     processes: [

@@ -4,7 +4,9 @@
  * @module
  */
 import { type ExitStatus, Reactor } from "../../ffi/mod.ts";
+import { ControlServer } from "../vhost/control.ts";
 import { type RunningChild, Vm } from "./launch.ts";
+import { migrate, type MigrationResult } from "./migration.ts";
 import type { Plan } from "./plan.ts";
 
 /** Options for runPlan. */
@@ -22,6 +24,14 @@ export interface RunOptions {
   stopTimeoutMs?: number;
   /** After a child's unexpected exit, how long to let the others settle before naming the cause (default 1000). */
   settleMs?: number;
+  /**
+   * A JSON-lines control socket at this path (mode 0600; `mpq ctl PATH ...`): `status`, and
+   * `migrate {"uri": ...}`, which moves the running guest to a destination started with
+   * `--incoming` and, once it completed, tears this side down (exit 0).
+   */
+  controlPath?: string;
+  /** Why this VM cannot migrate (migration.ts migrationBlockers): `migrate` is refused, naming them. */
+  migrationBlockers?: readonly string[];
 }
 
 /** A child that exited while the VM was up. */
@@ -103,6 +113,30 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
   });
   reactor.onSignal("SIGINT", () => finish({ kind: "signal", signal: "SIGINT" }));
   reactor.onSignal("SIGTERM", () => finish({ kind: "signal", signal: "SIGTERM" }));
+  let guestRunning = false;
+  let migrating = false;
+  const control = options.controlPath
+    ? openControl(options.controlPath, reactor, vm, {
+      log: options.log,
+      blockers: options.migrationBlockers ?? [],
+      running: () => guestRunning,
+      migrating: (on) => migrating = on,
+      isMigrating: () => migrating,
+      migrated: (r) => {
+        options.log(
+          `[${vm.elapsed()}s] ${
+            "migrated".padEnd(14)
+          } in ${r.totalTimeMs} ms (downtime ${r.downtimeMs} ms, ` +
+            `${(r.transferredBytes / (1 << 20)).toFixed(1)} MiB sent): the guest runs on the destination`,
+        );
+        // After the reply has gone out.
+        setTimeout(() => finish({ kind: "done", code: 0 }), 20);
+      },
+    })
+    : null;
+  if (control) {
+    options.log(`[${vm.elapsed()}s] ${"control".padEnd(14)} mpq ctl ${control.path} status|migrate URI`);
+  }
 
   let code = 1;
   let starting: Promise<void> | null = null;
@@ -120,6 +154,7 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
     ]);
     let end: End;
     if (first === null) {
+      guestRunning = true;
       options.log(
         `[${vm.elapsed()}s] ${"running".padEnd(14)} ${vm.children.length} process${
           vm.children.length === 1 ? "" : "es"
@@ -169,6 +204,7 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
       }
     }
   } finally {
+    control?.close();
     await vm.stop();
     if (starting) await starting.catch(() => {});
     reactor.stop();
@@ -177,4 +213,64 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
   }
   options.log(`[${vm.elapsed()}s] ${"done".padEnd(14)} every process of the VM has exited; exit ${code}`);
   return code;
+}
+
+interface ControlHooks {
+  log: (line: string) => void;
+  blockers: readonly string[];
+  running: () => boolean;
+  isMigrating: () => boolean;
+  migrating: (on: boolean) => void;
+  migrated: (r: MigrationResult) => void;
+}
+
+/** The VM's control socket: `status` and `migrate`. */
+function openControl(path: string, reactor: Reactor, vm: Vm, h: ControlHooks): ControlServer {
+  return new ControlServer(path, {
+    reactor,
+    log: h.log,
+    commands: {
+      status: async () => {
+        let guest: unknown = null;
+        if (vm.qmp) {
+          guest = await vm.qmp.execute("query-status").catch((e) => ({ error: (e as Error).message }));
+        }
+        return {
+          name: vm.plan.name,
+          elapsed: Number(vm.elapsed()),
+          guest,
+          migrating: h.isMigrating(),
+          processes: vm.children.map((c) => ({
+            name: c.planned.name,
+            role: c.planned.role,
+            pid: c.process.pid,
+            state: c.check() ? "exited" : c.stopping ? "stopping" : "running",
+          })),
+        };
+      },
+      migrate: async (args) => {
+        const uri = args.uri;
+        if (typeof uri !== "string") throw new Error(`migrate needs "uri" (tcp:HOST:PORT or unix:PATH)`);
+        if (h.blockers.length > 0) {
+          throw new Error(`this VM cannot migrate: ${h.blockers.join("; ")}`);
+        }
+        if (!h.running() || !vm.qmp) throw new Error("the guest is not running yet");
+        if (h.isMigrating()) throw new Error("a migration is already running");
+        h.migrating(true);
+        h.log(`[${vm.elapsed()}s] ${"migrate".padEnd(14)} to ${uri}`);
+        try {
+          const r = await migrate(vm.qmp, uri, {
+            progress: (line) => h.log(`[${vm.elapsed()}s] ${"migrate".padEnd(14)} ${line}`),
+          });
+          h.migrated(r);
+          return r;
+        } catch (e) {
+          h.log(`[${vm.elapsed()}s] ${"migrate".padEnd(14)} ${(e as Error).message}; the guest runs on here`);
+          throw e;
+        } finally {
+          h.migrating(false);
+        }
+      },
+    },
+  });
 }

@@ -11,94 +11,17 @@ import assert from "node:assert/strict";
 import { Reactor } from "../../ffi/mod.ts";
 import { QmpClient } from "../../lib/orchestrate/qmp.ts";
 import { Guest, guestAvailable } from "../helpers/guest.ts";
+import { type Backend, haveTool, startMpqVhost, startQsd } from "../helpers/vhost_backends.ts";
 import {
-  type Backend,
-  haveTool,
-  makeDiskFile,
-  patternBytes,
-  startMpqVhost,
-  startQsd,
-} from "../helpers/vhost_backends.ts";
+  GUEST_APPEND,
+  guestScript,
+  makeMigrationDisk,
+  MEMORY_MIB,
+  writeStop,
+} from "../helpers/migrate_guest.ts";
 
 const USE_QSD = Deno.env.get("VHOST_E2E_BACKEND") === "qsd";
 const ignore = !guestAvailable() || (USE_QSD && !haveTool("qemu-storage-daemon"));
-const DISK = 64 << 20;
-/** The host-filled region the guest hashes: 16..24 MiB. */
-const FILLED = { at: 16 << 20, len: 8 << 20 };
-/** The sector the host writes STOP to when the guest should finish (60 MiB). */
-const STOP_SECTOR = (60 << 20) / 512;
-const MEMORY_MIB = 256;
-/**
- * Debian's kernel zeroes every page it allocates (init_on_alloc): that CPU write marks a fresh
- * page-cache page dirty in QEMU's own bitmap just before the device fills it, which would hide a
- * device write missing from the dirty log. Off, only the dirty log can make QEMU resend it.
- */
-const APPEND = "init_on_alloc=0";
-
-async function sha256Hex(data: Uint8Array<ArrayBuffer>): Promise<string> {
-  const d = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
-  return [...d].map((b) => b.toString(16).padStart(2, "0")).join("");
-}
-
-/**
- * The guest, in rounds: compare the 32 blocks of 64 KiB at 8 MiB, as the page cache still holds them
- * from the end of the last round, with that round's contents (each block names its round); stop if
- * sector STOP_SECTOR holds STOP; hash the host-filled region `reads` times, the page cache dropped
- * before each; (`hwrng`) read 64 bytes of /dev/hwrng; write the blocks with this round's contents,
- * drop the page cache, read them back (the device writing into guest RAM) and compare; `mark round
- * R`. At the end it marks `result MISMATCHES ROUNDS`.
- */
-function guestScript(filledSha: string, reads: number, hwrng: boolean): string {
-  return [
-    `B=32; base=128; r=0; bad=0`,
-    // Hashes the filled region (read by the device into the page cache, just dropped).
-    `check() {`,
-    `  echo 3 > /proc/sys/vm/drop_caches`,
-    `  h=$(dd if=/dev/vda bs=1M skip=${FILLED.at >> 20} count=${
-      FILLED.len >> 20
-    } 2>/dev/null | sha256sum | cut -d' ' -f1)`,
-    `  [ "$h" = ${filledSha} ] || { bad=$((bad+1)); echo "MISMATCH round $r $1"; }`,
-    `}`,
-    // Compares the blocks with round $1's contents, read through the page cache.
-    `blocks() {`,
-    `  b=0`,
-    `  while [ $b -lt $B ]; do`,
-    `    yes "round $1 block $b " | head -c 65536 > /tmp/w`,
-    `    dd if=/dev/vda of=/tmp/r bs=65536 skip=$((base+b)) count=1 2>/dev/null`,
-    `    cmp -s /tmp/w /tmp/r || { bad=$((bad+1)); echo "MISMATCH round $r $2 block $b"; }`,
-    `    b=$((b+1))`,
-    `  done`,
-    `}`,
-    `mark started`,
-    `while :; do`,
-    `  r=$((r+1))`,
-    // The blocks the device read into the page cache at the end of the last round — perhaps on the
-    // other host — must hold that round's data: a page the device wrote but did not log would not.
-    `  [ $r -gt 1 ] && blocks $((r-1)) cached`,
-    `  echo 3 > /proc/sys/vm/drop_caches`,
-    `  [ "$(dd if=/dev/vda bs=512 skip=${STOP_SECTOR} count=1 2>/dev/null | head -c 4)" = STOP ] && break`,
-    `  k=0`,
-    `  while [ $k -lt ${reads} ]; do check "filled region read $k"; k=$((k+1)); done`,
-    ...(hwrng
-      ? [
-        `  n=$(head -c 64 /dev/hwrng | wc -c)`,
-        `  [ "$n" = 64 ] || { bad=$((bad+1)); echo "MISMATCH round $r hwrng $n"; }`,
-      ]
-      : []),
-    `  b=0`,
-    `  while [ $b -lt $B ]; do`,
-    `    yes "round $r block $b " | head -c 65536 > /tmp/w`,
-    `    dd if=/tmp/w of=/dev/vda bs=65536 seek=$((base+b)) conv=fsync 2>/dev/null || bad=$((bad+1))`,
-    `    b=$((b+1))`,
-    `  done`,
-    `  echo 3 > /proc/sys/vm/drop_caches`,
-    `  blocks $r "read back"`,
-    `  mark round $r`,
-    `done`,
-    `mark result $bad $((r-1))`,
-  ].join("\n");
-}
-
 /** One side of the migration: its back-ends and its QEMU's arguments. */
 interface Side {
   backends: Backend[];
@@ -183,17 +106,6 @@ async function runStatus(qmpPath: string): Promise<string> {
   );
 }
 
-function writeStop(file: string): void {
-  const f = Deno.openSync(file, { write: true });
-  try {
-    f.seekSync(STOP_SECTOR * 512, Deno.SeekMode.Start);
-    f.writeSync(new TextEncoder().encode("STOP"));
-    f.syncSync();
-  } finally {
-    f.close();
-  }
-}
-
 interface Env {
   dir: string;
   file: string;
@@ -204,9 +116,8 @@ async function withEnv(reads: number, fn: (env: Env) => Promise<void>, hwrng = f
   const dir = await Deno.makeTempDir({ prefix: "vhost-migrate-e2e-" });
   try {
     const file = `${dir}/disk.img`;
-    await makeDiskFile(file, DISK, (off) => patternBytes(1 << 20, 31 + (off >> 20)));
-    const filled = Deno.readFileSync(file).slice(FILLED.at, FILLED.at + FILLED.len);
-    await fn({ dir, file, script: guestScript(await sha256Hex(filled), reads, hwrng) });
+    const filledSha = await makeMigrationDisk(file);
+    await fn({ dir, file, script: guestScript(filledSha, reads, hwrng) });
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -230,7 +141,7 @@ async function migrateAndVerify(
       script: env.script,
       sharedMemory: true,
       memoryMiB: MEMORY_MIB,
-      append: APPEND,
+      append: GUEST_APPEND,
       args: [...dst.args, "-incoming", target],
     });
     await using source = await Guest.start({
@@ -238,7 +149,7 @@ async function migrateAndVerify(
       script: env.script,
       sharedMemory: true,
       memoryMiB: MEMORY_MIB,
-      append: APPEND,
+      append: GUEST_APPEND,
       args: src.args,
     });
     await source.waitFor("started");

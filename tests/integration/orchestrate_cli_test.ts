@@ -233,3 +233,60 @@ for (const [what, lines, message] of BROKEN_QMP) {
     },
   });
 }
+
+Deno.test("orchestrate --incoming refuses a bad URI, a paused start and --demo, starting nothing", async () => {
+  using dir = tempDir("mpq-cli-");
+  const { qemu, marker } = markerQemu(dir.path);
+  const cases: Array<[string[], RegExp]> = [
+    [
+      [writeTopology(dir.path, { qemu }), "--incoming", "ftp://x"],
+      /--incoming: expected tcp:HOST:PORT or unix:/,
+    ],
+    [[writeTopology(dir.path, { qemu }), "--incoming", "tcp:h:0"], /--incoming: port 0 is not 1\.\.65535/],
+    [
+      [writeTopology(dir.path, { qemu, start: "paused" }, "p.json"), "--incoming", "unix:/tmp/m.sock"],
+      /p\.json: start: --incoming needs "run".*got "paused"/,
+    ],
+    [["--demo", "--incoming", "unix:/tmp/m.sock"], /--incoming goes with a topology file, not --demo/],
+  ];
+  for (const [args, message] of cases) {
+    await using run = MpqRun.start(["orchestrate", ...args]);
+    assert.equal((await run.status()).code, 1, run.report());
+    assert.match(run.stderr, message);
+  }
+  assert.ok(!started(marker), "a process was started");
+});
+
+Deno.test("orchestrate --incoming --dry-run shows QEMU waiting with -incoming and no cont", async () => {
+  using dir = tempDir("mpq-cli-");
+  const { qemu } = markerQemu(dir.path);
+  await using run = MpqRun.start([
+    "orchestrate",
+    writeTopology(dir.path, { qemu }),
+    "--incoming",
+    "tcp:0.0.0.0:4444",
+    "--dry-run",
+    "--json",
+  ]);
+  assert.equal((await run.status()).code, 0, run.report());
+  const plan = JSON.parse(run.stdout);
+  assert.equal(plan.incoming, "tcp:0.0.0.0:4444");
+  const argv: string[] = plan.processes.at(-1).argv;
+  assert.equal(argv[argv.indexOf("-incoming") + 1], "tcp:0.0.0.0:4444");
+});
+
+Deno.test("mpq ctl: bad usage and an unreachable socket exit 1 naming what was wrong", async () => {
+  for (
+    const [args, message] of [
+      [[], /SOCKET and COMMAND are required/],
+      [["/tmp/x.sock", "launch"], /unknown command "launch" \(status, migrate\)/],
+      [["/tmp/x.sock", "migrate"], /migrate takes one URI/],
+      [["/tmp/x.sock", "migrate", "fd:3"], /migrate: expected tcp:HOST:PORT/],
+      [["/nonexistent/ctl.sock", "status"], /\/nonexistent\/ctl\.sock: cannot connect/],
+    ] as Array<[string[], RegExp]>
+  ) {
+    await using run = MpqRun.start(["ctl", ...args]);
+    assert.equal((await run.status()).code, 1, run.report());
+    assert.match(run.stderr, message);
+  }
+});

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { assertSameBytes } from "../helpers/pattern.ts";
 import { type ChildProcess, connectUnix, OpenFlags, openPath, Signal, spawn } from "../../ffi/mod.ts";
 import { selfCommand } from "../../lib/cli/self.ts";
-import { controlRequest } from "../../lib/vhost/serve_cli.ts";
+import { controlRequest } from "../../lib/cli/control_client.ts";
 import { Blk, VhostUserFrontend } from "../helpers/vhost_frontend.ts";
 import { makeDiskFile, patternBytes, readFileRange } from "../helpers/vhost_backends.ts";
 

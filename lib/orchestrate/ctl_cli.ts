@@ -1,0 +1,81 @@
+/**
+ * `mpq ctl SOCKET COMMAND [ARGS] [--json]`: the client of `mpq orchestrate`'s control socket.
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { controlRequest } from "../cli/control_client.ts";
+import { UsageError } from "../cli/errors.ts";
+import { incomingProblem } from "./migration.ts";
+
+/** Usage of `mpq ctl`. */
+export const CTL_USAGE = `Usage: mpq ctl SOCKET status [--json]
+       mpq ctl SOCKET migrate URI [--json]
+
+Talks to a running \`mpq orchestrate\` through its control socket (printed at its start).
+
+  status         the guest's run state and every process of the VM (role, pid, state)
+  migrate URI    live-migrate the guest to a destination started with
+                 \`mpq orchestrate TOPOLOGY --incoming URI\` (tcp:HOST:PORT or unix:PATH); waits until
+                 it completed, then the source tears itself down. Progress is in the source's log.
+  --json         print the reply as JSON
+
+Exit 0 when the command succeeded, 1 with the reason when it did not.`;
+
+/** `mpq ctl ...`; returns the exit code. */
+export async function ctlMain(args: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      options: { json: { type: "boolean" }, help: { type: "boolean", short: "h" } },
+    });
+  } catch (e) {
+    throw new UsageError((e as Error).message, CTL_USAGE);
+  }
+  if (parsed.values.help) {
+    console.log(CTL_USAGE);
+    return 0;
+  }
+  const [socket, cmd, ...rest] = parsed.positionals;
+  if (!socket || !cmd) throw new UsageError("SOCKET and COMMAND are required", CTL_USAGE);
+  let req: Record<string, unknown> = {};
+  if (cmd === "status") {
+    if (rest.length > 0) throw new UsageError(`status takes no arguments: got ${rest.join(" ")}`, CTL_USAGE);
+  } else if (cmd === "migrate") {
+    if (rest.length !== 1) throw new UsageError("migrate takes one URI", CTL_USAGE);
+    const problem = incomingProblem(rest[0]);
+    if (problem) throw new UsageError(`migrate: ${problem}`, CTL_USAGE);
+    req = { uri: rest[0] };
+  } else {
+    throw new UsageError(`unknown command ${JSON.stringify(cmd)} (status, migrate)`, CTL_USAGE);
+  }
+  const reply = await controlRequest(socket, cmd, req);
+  if (parsed.values.json) {
+    console.log(JSON.stringify(reply));
+    return reply.ok ? 0 : 1;
+  }
+  if (!reply.ok) {
+    console.error(`mpq ctl: ${cmd}: ${reply.error}`);
+    return 1;
+  }
+  const r = reply.result as Record<string, unknown>;
+  if (cmd === "status") {
+    const guest = r.guest as { status?: string } | null;
+    console.log(
+      `${r.name}: guest ${guest?.status ?? "not started"}${
+        r.migrating ? " (migrating)" : ""
+      }, up ${r.elapsed} s`,
+    );
+    console.log(["NAME", "ROLE", "PID", "STATE"].join("\t"));
+    for (const p of r.processes as Array<Record<string, unknown>>) {
+      console.log([p.name, p.role, p.pid, p.state].join("\t"));
+    }
+  } else {
+    console.log(
+      `migrated in ${r.totalTimeMs} ms, downtime ${r.downtimeMs} ms, ` +
+        `${((r.transferredBytes as number) / (1 << 20)).toFixed(1)} MiB sent`,
+    );
+  }
+  return 0;
+}
