@@ -30,6 +30,11 @@ export const BENCHES: ReadonlyArray<{ name: string; summary: string; run: () => 
     run: () => import("./startup.ts").then((m) => m.benchStartup()),
   },
   {
+    name: "migrate",
+    summary: "live migration of a 1 GiB guest writing its disk: mpq vs qemu-storage-daemon back-ends",
+    run: () => import("./migrate.ts").then((m) => m.benchMigrate()),
+  },
+  {
     name: "orchestrate",
     summary: "multi-process QEMU start-up: mpq orchestrate vs a shell script",
     run: () => import("./orchestrate.ts").then((m) => m.benchOrchestrate()),

@@ -8,104 +8,23 @@
  * its disk intact. VHOST_E2E_BACKEND=qsd runs the same tests with qemu-storage-daemon back-ends.
  */
 import assert from "node:assert/strict";
-import { Reactor } from "../../ffi/mod.ts";
-import { QmpClient } from "../../lib/orchestrate/qmp.ts";
 import { Guest, guestAvailable } from "../helpers/guest.ts";
-import { type Backend, haveTool, startMpqVhost, startQsd } from "../helpers/vhost_backends.ts";
+import { haveTool } from "../helpers/vhost_backends.ts";
 import {
   GUEST_APPEND,
   guestScript,
   makeMigrationDisk,
   MEMORY_MIB,
+  migrationOutcome,
+  runStatus,
+  startSide,
+  stopSide,
+  withQmp,
   writeStop,
 } from "../helpers/migrate_guest.ts";
 
 const USE_QSD = Deno.env.get("VHOST_E2E_BACKEND") === "qsd";
 const ignore = !guestAvailable() || (USE_QSD && !haveTool("qemu-storage-daemon"));
-/** One side of the migration: its back-ends and its QEMU's arguments. */
-interface Side {
-  backends: Backend[];
-  qmp: string;
-  args: string[];
-}
-
-/** A disk back-end (mpq, or qsd with VHOST_E2E_BACKEND=qsd) and, with `rng`, an mpq rng. */
-async function startSide(dir: string, name: string, file: string, rng = false): Promise<Side> {
-  const blkSock = `${dir}/${name}-blk.sock`, rngSock = `${dir}/${name}-rng.sock`;
-  const qmp = `${dir}/${name}-qmp.sock`;
-  const side: Side = {
-    backends: [],
-    qmp,
-    args: [
-      "-chardev",
-      `socket,id=c0,path=${blkSock}`,
-      "-device",
-      "vhost-user-blk-pci,chardev=c0,id=vblk0",
-      "-qmp",
-      `unix:${qmp},server=on,wait=off`,
-    ],
-  };
-  side.backends.push(
-    USE_QSD
-      ? await startQsd(file, blkSock, { writable: true, queues: 1 })
-      : await startMpqVhost("blk", blkSock, { args: [`--blk-file=${file}`, "--num-queues=1"] }),
-  );
-  if (rng) {
-    try {
-      side.backends.push(await startMpqVhost("rng", rngSock));
-    } catch (e) {
-      await stopSide(side);
-      throw e;
-    }
-    side.args.push(
-      "-chardev",
-      `socket,id=c1,path=${rngSock}`,
-      "-device",
-      "vhost-user-rng-pci,chardev=c1,id=vrng0",
-    );
-  }
-  return side;
-}
-
-async function stopSide(s: Side): Promise<void> {
-  await Promise.all(s.backends.map((b) => b.stop()));
-}
-
-/** Runs `fn` with a QMP client on `path`. */
-async function withQmp<T>(path: string, fn: (qmp: QmpClient) => Promise<T>): Promise<T> {
-  const reactor = new Reactor();
-  const running = reactor.run();
-  const qmp = QmpClient.connect(path, reactor);
-  try {
-    await qmp.greeting;
-    await qmp.execute("qmp_capabilities");
-    return await fn(qmp);
-  } finally {
-    qmp.close();
-    reactor.stop();
-    await running;
-    reactor.close();
-  }
-}
-
-/** query-migrate until a final state; returns the last answer. */
-async function migrationOutcome(qmp: QmpClient, timeoutMs = 120_000): Promise<Record<string, unknown>> {
-  const deadline = Date.now() + timeoutMs;
-  while (true) {
-    const st = await qmp.execute("query-migrate") as Record<string, unknown>;
-    if (["completed", "failed", "cancelled"].includes(st.status as string)) return st;
-    if (Date.now() > deadline) throw new Error(`migration still ${st.status} after ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
-async function runStatus(qmpPath: string): Promise<string> {
-  return await withQmp(
-    qmpPath,
-    async (q) => ((await q.execute("query-status")) as { status: string }).status,
-  );
-}
-
 interface Env {
   dir: string;
   file: string;
@@ -132,8 +51,8 @@ async function migrateAndVerify(
   uri: (dir: string) => string,
   bandwidth?: number,
 ): Promise<void> {
-  const src = await startSide(env.dir, "src", env.file);
-  const dst = await startSide(env.dir, "dst", env.file);
+  const src = await startSide(env.dir, "src", env.file, { qsd: USE_QSD });
+  const dst = await startSide(env.dir, "dst", env.file, { qsd: USE_QSD });
   try {
     const target = uri(env.dir);
     await using dest = await Guest.start({
@@ -218,7 +137,7 @@ Deno.test({
   ignore,
   async fn() {
     await withEnv(1, async (env) => {
-      const src = await startSide(env.dir, "src", env.file, true);
+      const src = await startSide(env.dir, "src", env.file, { qsd: USE_QSD, rng: true });
       try {
         await using source = await Guest.start({
           name: "source",
@@ -253,7 +172,7 @@ Deno.test({
   ignore,
   async fn() {
     await withEnv(1, async (env) => {
-      const src = await startSide(env.dir, "src", env.file);
+      const src = await startSide(env.dir, "src", env.file, { qsd: USE_QSD });
       try {
         await using source = await Guest.start({
           name: "source",

@@ -4,7 +4,9 @@
  * rounds through the switch, the disk it needs, and how the host tells it to finish.
  * @module
  */
-import { makeDiskFile, patternBytes } from "./vhost_backends.ts";
+import { Reactor } from "../../ffi/mod.ts";
+import { QmpClient } from "../../lib/orchestrate/qmp.ts";
+import { type Backend, makeDiskFile, patternBytes, startMpqVhost, startQsd } from "./vhost_backends.ts";
 
 /** The disk the guest uses. */
 export const DISK = 64 << 20;
@@ -101,4 +103,98 @@ export function writeStop(file: string): void {
   } finally {
     f.close();
   }
+}
+
+/** One side of the migration: its back-ends and its QEMU's arguments. */
+export interface Side {
+  backends: Backend[];
+  qmp: string;
+  args: string[];
+}
+
+/** A disk back-end (mpq, or qsd with `qsd`) and, with `rng`, an mpq rng; QMP at `qmp`. */
+export async function startSide(
+  dir: string,
+  name: string,
+  file: string,
+  options: { qsd?: boolean; rng?: boolean; args?: string[] } = {},
+): Promise<Side> {
+  const blkSock = `${dir}/${name}-blk.sock`, rngSock = `${dir}/${name}-rng.sock`;
+  const qmp = `${dir}/${name}-qmp.sock`;
+  const side: Side = {
+    backends: [],
+    qmp,
+    args: [
+      "-chardev",
+      `socket,id=c0,path=${blkSock}`,
+      "-device",
+      "vhost-user-blk-pci,chardev=c0,id=vblk0",
+      "-qmp",
+      `unix:${qmp},server=on,wait=off`,
+    ],
+  };
+  side.backends.push(
+    options.qsd
+      ? await startQsd(file, blkSock, { writable: true, queues: 1 })
+      : await startMpqVhost("blk", blkSock, {
+        args: [`--blk-file=${file}`, "--num-queues=1", ...(options.args ?? [])],
+      }),
+  );
+  if (options.rng) {
+    try {
+      side.backends.push(await startMpqVhost("rng", rngSock));
+    } catch (e) {
+      await stopSide(side);
+      throw e;
+    }
+    side.args.push(
+      "-chardev",
+      `socket,id=c1,path=${rngSock}`,
+      "-device",
+      "vhost-user-rng-pci,chardev=c1,id=vrng0",
+    );
+  }
+  return side;
+}
+
+export async function stopSide(s: Side): Promise<void> {
+  await Promise.all(s.backends.map((b) => b.stop()));
+}
+
+/** Runs `fn` with a QMP client on `path`. */
+export async function withQmp<T>(path: string, fn: (qmp: QmpClient) => Promise<T>): Promise<T> {
+  const reactor = new Reactor();
+  const running = reactor.run();
+  const qmp = QmpClient.connect(path, reactor);
+  try {
+    await qmp.greeting;
+    await qmp.execute("qmp_capabilities");
+    return await fn(qmp);
+  } finally {
+    qmp.close();
+    reactor.stop();
+    await running;
+    reactor.close();
+  }
+}
+
+/** query-migrate until a final state; returns the last answer. */
+export async function migrationOutcome(
+  qmp: QmpClient,
+  timeoutMs = 120_000,
+): Promise<Record<string, unknown>> {
+  const deadline = Date.now() + timeoutMs;
+  while (true) {
+    const st = await qmp.execute("query-migrate") as Record<string, unknown>;
+    if (["completed", "failed", "cancelled"].includes(st.status as string)) return st;
+    if (Date.now() > deadline) throw new Error(`migration still ${st.status} after ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+export async function runStatus(qmpPath: string): Promise<string> {
+  return await withQmp(
+    qmpPath,
+    async (q) => ((await q.execute("query-status")) as { status: string }).status,
+  );
 }
