@@ -43,6 +43,7 @@ export const OPAQUE = { fileActions: 80, spawnAttr: 336, sigset: 128 } as const;
 /** Socket constants. */
 export const AF_UNIX = 1;
 export const SOCK_STREAM = 1;
+export const SOCK_DGRAM = 2;
 export const SOCK_SEQPACKET = 5;
 export const SOCK_NONBLOCK = 0o4000;
 export const SOCK_CLOEXEC = 0o2000000;

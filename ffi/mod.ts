@@ -7,11 +7,14 @@ export { Errno, ErrnoError, errnoName } from "./errno.ts";
 export { fdKind, listOpenFds, OpenFlags, openPath, OwnedFd, ownedFdCount, pipe } from "./fd.ts";
 export {
   adoptListener,
+  bindDatagram,
   connectUnix,
+  DatagramSocket,
   type ListenOptions,
   listenUnix,
   MAX_FDS_PER_MESSAGE,
   type Received,
+  sendDatagram,
   type SocketOptions,
   socketPair,
   UnixListener,

@@ -16,6 +16,7 @@ import {
   MSGHDR,
   SCM_RIGHTS,
   SOCK_CLOEXEC,
+  SOCK_DGRAM,
   SOCK_NONBLOCK,
   SOCK_STREAM,
   SOCKADDR_UN,
@@ -321,4 +322,102 @@ export function listenUnix(path: string, options: ListenOptions = {}): UnixListe
 export function adoptListener(fd: OwnedFd, options: SocketOptions = {}): UnixListener {
   fd.setNonBlocking(options.nonBlocking ?? true);
   return new UnixListener(fd, null, options);
+}
+
+/**
+ * A datagram address: a path, or `@name` for the abstract namespace (as systemd's NOTIFY_SOCKET
+ * may be), with its exact length.
+ */
+function datagramAddress(path: string): Uint8Array<ArrayBuffer> {
+  if (!path.startsWith("@")) return sockaddrUn(path);
+  const name = new TextEncoder().encode(path.slice(1));
+  if (name.length + 1 > SOCKADDR_UN.pathMax) {
+    throw new ErrnoError(
+      "connect",
+      36,
+      `${path}: abstract socket name longer than ${SOCKADDR_UN.pathMax - 1} bytes`,
+    );
+  }
+  const sa = new Uint8Array(SOCKADDR_UN.path + 1 + name.length); // sun_path[0] = 0, no terminator
+  new DataView(sa.buffer).setUint16(SOCKADDR_UN.family, AF_UNIX, true);
+  sa.set(name, SOCKADDR_UN.path + 1);
+  return sa;
+}
+
+/**
+ * Sends one datagram to the UNIX datagram socket at `path` (or `@abstract`), from a socket made
+ * for it and closed again. Throws ErrnoError (ENOENT, ECONNREFUSED, EAGAIN...).
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const dir = Deno.makeTempDirSync();
+ * using rx = bindDatagram(`${dir}/notify.sock`); // what systemd listens on (NOTIFY_SOCKET)
+ * sendDatagram(`${dir}/notify.sock`, new TextEncoder().encode("READY=1"));
+ * assert.equal(new TextDecoder().decode(rx.receive()!), "READY=1");
+ * assert.equal(rx.receive(), null); // nothing more waiting
+ * Deno.removeSync(dir, { recursive: true });
+ * ```
+ */
+export function sendDatagram(path: string, data: Uint8Array): void {
+  const sa = datagramAddress(path);
+  using fd = OwnedFd.unsafeAdopt(check("socket", libc.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0)), path);
+  check("connect", libc.connect(fd.unsafeFd, sa, sa.byteLength), path);
+  const buf = new Uint8Array(data);
+  const n = check("send", libc.write(fd.unsafeFd, buf, BigInt(buf.byteLength)), path);
+  if (Number(n) !== buf.byteLength) {
+    throw new ErrnoError("send", Errno.EAGAIN, `${path}: short datagram (${n} of ${buf.byteLength})`);
+  }
+}
+
+/** A bound, non-blocking UNIX datagram socket (a NOTIFY_SOCKET for tests and supervisors). */
+export class DatagramSocket {
+  readonly path: string;
+  readonly fd: OwnedFd;
+  readonly #buf = new Uint8Array(65536);
+
+  constructor(path: string, fd: OwnedFd) {
+    this.path = path;
+    this.fd = fd;
+  }
+
+  /** The next datagram, or null when none is waiting. */
+  receive(): Uint8Array | null {
+    const n = libc.read(this.fd.unsafeFd, this.#buf, BigInt(this.#buf.byteLength));
+    if (n < 0) {
+      const e = lastErrno();
+      if (e === Errno.EAGAIN) return null;
+      throw new ErrnoError("recv", e, this.path);
+    }
+    return this.#buf.slice(0, Number(n));
+  }
+
+  /** Closes the socket and removes its path. */
+  close(): void {
+    if (this.fd.closed) return;
+    this.fd.close();
+    try {
+      Deno.removeSync(this.path);
+    } catch { /* gone already */ }
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/** Binds a non-blocking UNIX datagram socket at `path`. */
+export function bindDatagram(path: string): DatagramSocket {
+  const sa = sockaddrUn(path);
+  const fd = OwnedFd.unsafeAdopt(
+    check("socket", libc.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)),
+    `datagram socket ${path}`,
+  );
+  try {
+    check("bind", libc.bind(fd.unsafeFd, sa, sa.byteLength), path);
+  } catch (e) {
+    fd.close();
+    throw e;
+  }
+  return new DatagramSocket(path, fd);
 }

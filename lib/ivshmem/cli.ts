@@ -2,6 +2,7 @@
  * `mpq ivshmem`: the server (flags of contrib ivshmem-server) and `mpq ivshmem client`.
  * @module
  */
+import { sdNotify } from "../cli/sd_notify.ts";
 import { parseArgs } from "node:util";
 import {
   type ChildProcess,
@@ -270,9 +271,11 @@ async function serve(opts: ServerArgs): Promise<number> {
   log?.(`${where}: ${s.size} bytes, ${s.vectors} vector(s) per peer`);
   if (!ready.daemon) console.log(`listening on ${opts.socketPath}`);
   ready.report("ok");
+  sdNotify(`READY=1\nSTATUS=listening on ${opts.socketPath}`);
   try {
     await reactor.run();
   } finally {
+    sdNotify("STOPPING=1");
     s.close();
     reactor.close();
     if (pidfile !== null) {

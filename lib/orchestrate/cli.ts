@@ -5,6 +5,7 @@
 import { parseArgs } from "node:util";
 import { Reactor } from "../../ffi/mod.ts";
 import { InputError, UsageError } from "../cli/errors.ts";
+import { sdNotify } from "../cli/sd_notify.ts";
 import { selfCommand } from "../cli/self.ts";
 import { DEMO_INTRO, demoTopology, watchDemo } from "./demo.ts";
 import { incomingProblem, migrationBlockers } from "./migration.ts";
@@ -159,6 +160,7 @@ export async function main(args: string[]): Promise<number> {
     whileRunning: v.demo ? (vm) => watchDemo(vm, { log }) : undefined,
     controlPath: `${runtimeDir}/control.sock`,
     migrationBlockers: blockers,
+    notify: (state) => sdNotify(state, (l) => console.error(l)),
   });
 }
 

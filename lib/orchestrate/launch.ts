@@ -220,8 +220,12 @@ export class Vm {
     return m;
   }
 
-  /** Closes mpq's copies of the resources `p` was given (the child holds them now). */
+  /**
+   * Closes mpq's copies of the resources `p` was given (the child holds them now); a restartable
+   * child's are kept, for the next one.
+   */
   #release(p: PlannedProcess): void {
+    if (p.restart) return;
     for (const a of p.fds) {
       const l = this.#listeners.get(a.resource);
       if (l) {
@@ -257,6 +261,43 @@ export class Vm {
     this.children.push(child);
     this.#release(p);
     return child;
+  }
+
+  /** When each restartable process was restarted (for its limit). */
+  readonly #restarts = new Map<string, number[]>();
+
+  /**
+   * A child failed: if its plan allows (restart on-failure, under its limit), starts it again
+   * with the same fds and returns true; false when the VM must be torn down.
+   */
+  restart(child: RunningChild, status: ExitStatus): boolean {
+    const p = child.planned;
+    if (!p.restart || this.#stopped) return false;
+    const now = performance.now();
+    const times = (this.#restarts.get(p.name) ?? []).filter((t) => now - t < p.restart!.windowMs);
+    if (times.length >= p.restart.limit) {
+      this.#log(
+        p.name,
+        `${status.text}: restarted ${times.length} times in ${p.restart.windowMs / 1000} s already`,
+      );
+      return false;
+    }
+    times.push(now);
+    this.#restarts.set(p.name, times);
+    this.children.splice(this.children.indexOf(child), 1);
+    const next = this.#spawn(p);
+    this.#log(
+      p.name,
+      `${status.text}: restarted as pid ${next.process.pid} (${times.length} of ${p.restart.limit} in ${
+        p.restart.windowMs / 1000
+      } s)`,
+    );
+    return true;
+  }
+
+  /** Restarts of `name` within its window. */
+  restarts(name: string): number {
+    return this.#restarts.get(name)?.length ?? 0;
   }
 
   async #ready(child: RunningChild): Promise<void> {

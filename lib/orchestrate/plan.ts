@@ -3,7 +3,7 @@
  * readiness checks, QMP sequence). Nothing here touches the system; launch.ts executes a plan.
  * @module
  */
-import type { Drive, QmpStep, Topology } from "./topology.ts";
+import { type Drive, type QmpStep, RESTART_LIMIT, RESTART_WINDOW_MS, type Topology } from "./topology.ts";
 import { type DeviceSpec, formatDeviceArg } from "../vhost/device_spec.ts";
 
 /** What the planner needs besides the topology (all plain values, so planning stays pure). */
@@ -69,6 +69,11 @@ export interface PlannedProcess {
    * mpq, which tears the rest down in order.
    */
   ownProcessGroup: boolean;
+  /**
+   * Restarted when it fails, with the same fds (mpq keeps its copies), at most `limit` times in
+   * `windowMs`; absent: its failure tears the VM down.
+   */
+  restart?: { limit: number; windowMs: number };
 }
 
 /** One QMP command of the managed start. */
@@ -148,6 +153,8 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
   const external: ExternalSocket[] = [];
   const ivshmemServers: PlannedProcess[] = [];
   const vhostSpecs: DeviceSpec[] = [];
+  /** Whether every mpq-served vhost device may be restarted (then so may their process). */
+  let vhostRestart = true;
   const vhostFds: FdAssignment[] = [];
   const remotes: PlannedProcess[] = [];
   const qemuDevArgs: string[] = [];
@@ -224,7 +231,13 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
             vhostSpecs.push({ type: "rng", id: d.id, listen: { fd } });
           }
         }
-        qemuDevArgs.push("-chardev", `socket,id=chr-${d.id},path=${qemuOptValue(path)}`);
+        const restart = d.type === "vhost-user-blk" && d.restart === "on-failure";
+        if (!("socket" in d.backend) && !restart) vhostRestart = false;
+        // reconnect=1: QEMU reconnects to a restarted back-end (once a second).
+        qemuDevArgs.push(
+          "-chardev",
+          `socket,id=chr-${d.id},path=${qemuOptValue(path)}${restart ? ",reconnect=1" : ""}`,
+        );
         if (d.type === "vhost-user-blk") {
           qemuDevArgs.push(
             "-device",
@@ -282,6 +295,7 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
       fds: vhostFds,
       ready: { kind: "started", reason: "its listening sockets are pre-opened: QEMU's connects queue" },
       ownProcessGroup: true,
+      ...(vhostRestart ? { restart: { limit: RESTART_LIMIT, windowMs: RESTART_WINDOW_MS } } : {}),
     });
   }
 
@@ -414,6 +428,11 @@ export function formatPlan(plan: Plan): string {
     out.push(...formatCommand(p.argv, "     "));
     for (const a of p.fds) out.push(`     fd ${a.fd} <- ${describeFd(plan, a)}`);
     out.push(`     ready when: ${describeReady(p.ready)}`);
+    if (p.restart) {
+      out.push(
+        `     restarted when it fails, at most ${p.restart.limit} times in ${p.restart.windowMs / 1000} s`,
+      );
+    }
   });
   out.push("");
   out.push("QMP (one connection to qmp.sock, no retries):");

@@ -278,3 +278,25 @@ Deno.test("plan formatting quotes for the shell and lists fds and readiness", ()
   assert.match(text, /ready when: QMP greeting received/);
   assert.match(text, /step 1 +query-status {2}expect \{"status":"prelaunch"\}/);
 });
+
+Deno.test("plan restart: the vhost process is restartable only when every device it serves is; QEMU reconnects", () => {
+  const dev = (id: string, restart?: string) => ({
+    type: "vhost-user-blk",
+    id,
+    backend: { mpq: { file: `/${id}.img` } },
+    ...(restart ? { restart } : {}),
+  });
+  const ctx = { runtimeDir: "/tmp/mpq-x", self: ["mpq"] };
+  const both = planTopology(
+    validateTopology({ devices: [dev("a", "on-failure"), dev("b", "on-failure")] }),
+    ctx,
+  );
+  const vhost = both.processes.find((p) => p.role === "vhost")!;
+  assert.deepEqual(vhost.restart, { limit: 3, windowMs: 60_000 });
+  const qemu = both.processes.find((p) => p.role === "qemu")!.argv.join(" ");
+  assert.match(qemu, /socket,id=chr-a,path=\/tmp\/mpq-x\/vhost-a\.sock,reconnect=1/);
+  assert.match(formatPlan(both), /restarted when it fails, at most 3 times in 60 s/);
+  const mixed = planTopology(validateTopology({ devices: [dev("a", "on-failure"), dev("b")] }), ctx);
+  assert.equal(mixed.processes.find((p) => p.role === "vhost")!.restart, undefined);
+  assert.doesNotMatch(mixed.processes.find((p) => p.role === "qemu")!.argv.join(" "), /chr-b,[^ ]*reconnect/);
+});

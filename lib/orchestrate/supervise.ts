@@ -32,6 +32,11 @@ export interface RunOptions {
   controlPath?: string;
   /** Why this VM cannot migrate (migration.ts migrationBlockers): `migrate` is refused, naming them. */
   migrationBlockers?: readonly string[];
+  /**
+   * Service-manager state lines (sd_notify: `READY=1` once the guest runs, `STATUS=...` at each
+   * stage, `STOPPING=1` when teardown begins). Default: none.
+   */
+  notify?: (state: string) => void;
 }
 
 /** A child that exited while the VM was up. */
@@ -94,6 +99,8 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
     log: options.log,
     stopTimeoutMs: options.stopTimeoutMs,
     onUnexpectedExit: (child, status) => {
+      // A back-end the topology lets restart (QEMU reconnects to it): the VM goes on.
+      if (!settling && vm.restart(child, status)) return;
       exits.push({ child, status });
       if (settling) return;
       settling = true;
@@ -118,6 +125,7 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
   const control = options.controlPath
     ? openControl(options.controlPath, reactor, vm, {
       log: options.log,
+      notify: (st) => options.notify?.(st),
       blockers: options.migrationBlockers ?? [],
       running: () => guestRunning,
       migrating: (on) => migrating = on,
@@ -138,6 +146,7 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
     options.log(`[${vm.elapsed()}s] ${"control".padEnd(14)} mpq ctl ${control.path} status|migrate URI`);
   }
 
+  const notify = options.notify ?? (() => {});
   let code = 1;
   let starting: Promise<void> | null = null;
   try {
@@ -147,6 +156,9 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
       options.error(`${(e as Error).message}; nothing was started`);
       return 1;
     }
+    notify(
+      plan.incoming ? `STATUS=waiting for the incoming migration on ${plan.incoming}` : "STATUS=starting",
+    );
     starting = vm.start();
     const first = await Promise.race([
       starting.then(() => null, (error) => ({ kind: "failed", error }) as End),
@@ -155,6 +167,7 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
     let end: End;
     if (first === null) {
       guestRunning = true;
+      notify(`READY=1\nSTATUS=guest running (${vm.children.length} processes)`);
       options.log(
         `[${vm.elapsed()}s] ${"running".padEnd(14)} ${vm.children.length} process${
           vm.children.length === 1 ? "" : "es"
@@ -204,6 +217,7 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
       }
     }
   } finally {
+    notify(`STOPPING=1\nSTATUS=stopping (exit ${code})`);
     control?.close();
     await vm.stop();
     if (starting) await starting.catch(() => {});
@@ -217,6 +231,7 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
 
 interface ControlHooks {
   log: (line: string) => void;
+  notify: (state: string) => void;
   blockers: readonly string[];
   running: () => boolean;
   isMigrating: () => boolean;
@@ -245,6 +260,7 @@ function openControl(path: string, reactor: Reactor, vm: Vm, h: ControlHooks): C
             role: c.planned.role,
             pid: c.process.pid,
             state: c.check() ? "exited" : c.stopping ? "stopping" : "running",
+            restarts: vm.restarts(c.planned.name),
           })),
         };
       },
@@ -257,6 +273,7 @@ function openControl(path: string, reactor: Reactor, vm: Vm, h: ControlHooks): C
         if (!h.running() || !vm.qmp) throw new Error("the guest is not running yet");
         if (h.isMigrating()) throw new Error("a migration is already running");
         h.migrating(true);
+        h.notify(`STATUS=migrating to ${uri}`);
         h.log(`[${vm.elapsed()}s] ${"migrate".padEnd(14)} to ${uri}`);
         try {
           const r = await migrate(vm.qmp, uri, {
@@ -266,6 +283,7 @@ function openControl(path: string, reactor: Reactor, vm: Vm, h: ControlHooks): C
           return r;
         } catch (e) {
           h.log(`[${vm.elapsed()}s] ${"migrate".padEnd(14)} ${(e as Error).message}; the guest runs on here`);
+          h.notify(`STATUS=guest running (the migration to ${uri} failed)`);
           throw e;
         } finally {
           h.migrating(false);

@@ -44,7 +44,17 @@ export interface VhostBlkDevice {
   id: string;
   backend: Backend<{ file: string; readOnly: boolean; numQueues?: number }>;
   numQueues?: number;
+  /**
+   * When its mpq back-end fails: "on-failure" restarts it (QEMU reconnects, requests in flight are
+   * resubmitted) up to RESTART_LIMIT times in RESTART_WINDOW_MS; "never" (default) tears the VM down.
+   */
+  restart: "on-failure" | "never";
 }
+
+/** Restarts of a back-end allowed within RESTART_WINDOW_MS before the VM is torn down. */
+export const RESTART_LIMIT = 3;
+/** The window RESTART_LIMIT counts in. */
+export const RESTART_WINDOW_MS = 60_000;
 
 /** A vhost-user entropy device. */
 export interface VhostRngDevice {
@@ -324,11 +334,22 @@ function device(v: unknown, path: string, seen: Map<string, string>): Device {
       };
     }
     case "vhost-user-blk": {
-      const o = obj(v, path, ["type", "id", "backend", "numQueues"]);
+      const o = obj(v, path, ["type", "id", "backend", "numQueues", "restart"]);
       const devId = id(o, path, seen);
+      const restart = oneOf(o, "restart", path, ["on-failure", "never"] as const) ?? "never";
+      if (
+        restart === "on-failure" && typeof o.backend === "object" && o.backend !== null &&
+        "socket" in o.backend
+      ) {
+        throw new TopologyError(
+          at(path, "restart"),
+          `"on-failure" needs an mpq back-end ("backend": {"mpq": ...}): mpq cannot restart a back-end it did not start`,
+        );
+      }
       return {
         type,
         id: devId,
+        restart,
         backend: backend(o, "backend", path, (m, p) => {
           const mo = obj(m, p, ["file", "readOnly", "numQueues"]);
           const out: { file: string; readOnly: boolean; numQueues?: number } = {
@@ -343,6 +364,12 @@ function device(v: unknown, path: string, seen: Map<string, string>): Device {
       };
     }
     case "vhost-user-rng": {
+      if (typeof v === "object" && v !== null && "restart" in v) {
+        throw new TopologyError(
+          at(path, "restart"),
+          "only vhost-user-blk back-ends can be restarted (QEMU 7.2 reconnects vhost-user-blk, not vhost-user-rng)",
+        );
+      }
       const o = obj(v, path, ["type", "id", "backend"]);
       return {
         type,

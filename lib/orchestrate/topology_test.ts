@@ -55,6 +55,7 @@ Deno.test("topology accepts every device kind with its fields", () => {
     id: "vblk0",
     backend: { mpq: { file: "/tmp/b.img", readOnly: false } },
     numQueues: 2,
+    restart: "never",
   });
   assert.deepEqual(t.devices[3], {
     type: "ivshmem",
@@ -219,4 +220,31 @@ Deno.test("topology example in the README validates", () => {
   assert.ok(json, "the orchestrate section has a JSON topology example");
   const t = parseTopology(json[1], "README example");
   assert.deepEqual(t.devices.map((d) => d.type), ["remote", "vhost-user-blk", "vhost-user-rng", "ivshmem"]);
+});
+
+Deno.test("topology restart: on-failure for mpq-served vhost-user-blk; refused elsewhere, naming why", () => {
+  const blk = (extra: Record<string, unknown>) =>
+    validateTopology({
+      devices: [{ type: "vhost-user-blk", id: "d", backend: { mpq: { file: "/d" } }, ...extra }],
+    });
+  assert.equal((blk({}).devices[0] as { restart: string }).restart, "never");
+  assert.equal((blk({ restart: "on-failure" }).devices[0] as { restart: string }).restart, "on-failure");
+  assert.throws(
+    () => blk({ restart: "always" }),
+    /devices\[0\]\.restart: expected one of "on-failure", "never"/,
+  );
+  assert.throws(
+    () =>
+      validateTopology({
+        devices: [{ type: "vhost-user-blk", id: "d", backend: { socket: "/s" }, restart: "on-failure" }],
+      }),
+    /devices\[0\]\.restart: "on-failure" needs an mpq back-end/,
+  );
+  assert.throws(
+    () =>
+      validateTopology({
+        devices: [{ type: "vhost-user-rng", id: "r", backend: { mpq: {} }, restart: "never" }],
+      }),
+    /devices\[0\]\.restart: only vhost-user-blk back-ends can be restarted/,
+  );
 });

@@ -12,6 +12,7 @@ import { DEFAULT_POLL_US, VhostUserDaemon } from "./daemon.ts";
 import { DeviceOpenError, openDevice, type OpenedDevice } from "./device_factory.ts";
 import { type DeviceSpec, hostQueueCount, type Listen, MAX_QUEUES } from "./device_spec.ts";
 import { type EngineChoice, parseEngineChoice } from "./devices/blk_engine.ts";
+import { sdNotify } from "../cli/sd_notify.ts";
 import { defaultQueueThreads, QueuePool } from "./queue_thread.ts";
 import { ctlMain, serveMain } from "./serve_cli.ts";
 import { reactorWake } from "./wake.ts";
@@ -212,9 +213,11 @@ export async function main(args: string[]): Promise<number> {
     );
   }
   console.error(`mpq vhost ${kind}: listening on ${l.path ?? `fd ${str("fd") ?? 3}`}`);
+  sdNotify(`READY=1\nSTATUS=listening on ${l.path ?? `fd ${str("fd") ?? 3}`}`);
   try {
     await daemon.run();
   } finally {
+    sdNotify("STOPPING=1");
     daemon.close();
     await pool?.stop();
   }

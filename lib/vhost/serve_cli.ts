@@ -20,6 +20,7 @@ import { VhostServer } from "./server.ts";
 import { defaultQueueThreads } from "./queue_thread.ts";
 import { reactorWake } from "./wake.ts";
 import { controlRequest } from "../cli/control_client.ts";
+import { sdNotify } from "../cli/sd_notify.ts";
 
 /** Usage of `mpq vhost serve`. */
 export const SERVE_USAGE = `Usage: mpq vhost serve [--device SPEC]... [--config FILE] [options]
@@ -199,9 +200,11 @@ export async function serveMain(args: string[]): Promise<number> {
     throw e;
   }
   if (control) console.error(`mpq vhost serve: control socket ${control}`);
+  sdNotify(`READY=1\nSTATUS=serving ${specs.length} device${specs.length === 1 ? "" : "s"}`);
   try {
     await server.run();
   } finally {
+    sdNotify("STOPPING=1");
     await server.close();
   }
   return 0;

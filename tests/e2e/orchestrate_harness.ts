@@ -8,7 +8,8 @@ import { selfCommand } from "../../lib/cli/self.ts";
 /** Generous bound for one expected event (TCG on a loaded 2-core machine); not a timing assertion. */
 export const EVENT_BOUND_MS = 120_000;
 
-const STATUS_RE = /\] (qemu|remote \S+|vhost \S+|ivshmem \S+)\s+pid (\d+) (?:started|listening|QMP ready)/;
+const STATUS_RE =
+  /\] (qemu|remote \S+|vhost \S+|ivshmem \S+)\s+(?:pid (\d+) (?:started|listening|QMP ready)|.*: restarted as pid (\d+))/;
 
 /** Whether `pid` is a live (not zombie) process. */
 export function alive(pid: number): boolean {
@@ -63,7 +64,7 @@ export class MpqRun {
         else this.#out += text;
         for (const line of text.split("\n")) {
           const m = STATUS_RE.exec(line);
-          if (m) this.pids.set(m[1], Number(m[2]));
+          if (m) this.pids.set(m[1], Number(m[2] ?? m[3]));
         }
         for (const w of this.#waiters.splice(0)) w();
       }
