@@ -150,7 +150,8 @@ export async function main(args: string[]): Promise<number> {
   }
 
   const runtimeDir = Deno.makeTempDirSync({ prefix: `mpq-${name}-` });
-  const plan = planTopology(makeTopology(runtimeDir), { runtimeDir, self, incoming });
+  const topology = makeTopology(runtimeDir);
+  const plan = planTopology(topology, { runtimeDir, self, incoming });
   if (v.demo) console.log(DEMO_INTRO);
   const log = (l: string) => console.log(l);
   return await runPlan(plan, {
@@ -161,6 +162,7 @@ export async function main(args: string[]): Promise<number> {
     controlPath: `${runtimeDir}/control.sock`,
     migrationBlockers: blockers,
     notify: (state) => sdNotify(state, (l) => console.error(l)),
+    hotplug: { self, qemu: topology.qemu, ids: topology.devices.map((d) => d.id) },
   });
 }
 

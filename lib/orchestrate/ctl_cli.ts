@@ -8,12 +8,21 @@ import { UsageError } from "../cli/errors.ts";
 import { incomingProblem } from "./migration.ts";
 
 /** Usage of `mpq ctl`. */
-export const CTL_USAGE = `Usage: mpq ctl SOCKET status [--json]
+export const CTL_USAGE = `Usage: mpq ctl SOCKET status|stop [--json]
+       mpq ctl SOCKET add DEVICE-JSON [--json]
+       mpq ctl SOCKET remove ID [--json]
+       mpq ctl SOCKET qmp COMMAND [JSON-ARGS] [--json]
        mpq ctl SOCKET migrate URI [--json]
 
 Talks to a running \`mpq orchestrate\` through its control socket (printed at its start).
 
-  status         the guest's run state and every process of the VM (role, pid, state)
+  status         the guest's run state and every process of the VM (role, pid, state, restarts)
+  add DEVICE     hot-plug a device, given as a topology device object, e.g.
+                 '{"type": "vhost-user-blk", "id": "vblk9", "backend": {"mpq": {"file": "/d.img"}}}'
+                 (vhost-user-blk, vhost-user-rng, remote, ivshmem); a failed add leaves nothing behind
+  remove ID      hot-unplug a device added with add (waits for the guest to release it)
+  qmp CMD [ARGS] one QMP command on the VM's monitor (ARGS: a JSON object)
+  stop           tear the VM down in order (as SIGTERM)
   migrate URI    live-migrate the guest to a destination started with
                  \`mpq orchestrate TOPOLOGY --incoming URI\` (tcp:HOST:PORT or unix:PATH); waits until
                  it completed, then the source tears itself down. Progress is in the source's log.
@@ -42,13 +51,40 @@ export async function ctlMain(args: string[]): Promise<number> {
   let req: Record<string, unknown> = {};
   if (cmd === "status") {
     if (rest.length > 0) throw new UsageError(`status takes no arguments: got ${rest.join(" ")}`, CTL_USAGE);
+  } else if (cmd === "stop") {
+    if (rest.length > 0) throw new UsageError(`stop takes no arguments: got ${rest.join(" ")}`, CTL_USAGE);
+  } else if (cmd === "add") {
+    if (rest.length !== 1) throw new UsageError("add takes one DEVICE-JSON", CTL_USAGE);
+    let device: unknown;
+    try {
+      device = JSON.parse(rest[0]);
+    } catch (e) {
+      throw new UsageError(`add: DEVICE-JSON is not JSON: ${(e as Error).message}`, CTL_USAGE);
+    }
+    req = { device };
+  } else if (cmd === "remove") {
+    if (rest.length !== 1) throw new UsageError("remove takes one ID", CTL_USAGE);
+    req = { id: rest[0] };
+  } else if (cmd === "qmp") {
+    if (rest.length < 1 || rest.length > 2) throw new UsageError("qmp takes COMMAND [JSON-ARGS]", CTL_USAGE);
+    req = { execute: rest[0] };
+    if (rest[1] !== undefined) {
+      try {
+        req.arguments = JSON.parse(rest[1]);
+      } catch (e) {
+        throw new UsageError(`qmp: JSON-ARGS is not JSON: ${(e as Error).message}`, CTL_USAGE);
+      }
+    }
   } else if (cmd === "migrate") {
     if (rest.length !== 1) throw new UsageError("migrate takes one URI", CTL_USAGE);
     const problem = incomingProblem(rest[0]);
     if (problem) throw new UsageError(`migrate: ${problem}`, CTL_USAGE);
     req = { uri: rest[0] };
   } else {
-    throw new UsageError(`unknown command ${JSON.stringify(cmd)} (status, migrate)`, CTL_USAGE);
+    throw new UsageError(
+      `unknown command ${JSON.stringify(cmd)} (status, add, remove, qmp, stop, migrate)`,
+      CTL_USAGE,
+    );
   }
   const reply = await controlRequest(socket, cmd, req);
   if (parsed.values.json) {
@@ -60,16 +96,24 @@ export async function ctlMain(args: string[]): Promise<number> {
     return 1;
   }
   const r = reply.result as Record<string, unknown>;
-  if (cmd === "status") {
+  if (cmd === "add") {
+    console.log(`added ${r.type} ${r.id}`);
+  } else if (cmd === "remove") {
+    console.log(`removed ${req.id}`);
+  } else if (cmd === "stop") {
+    console.log("stopping the VM");
+  } else if (cmd === "qmp") {
+    console.log(JSON.stringify(reply.result ?? {}, null, 2));
+  } else if (cmd === "status") {
     const guest = r.guest as { status?: string } | null;
     console.log(
       `${r.name}: guest ${guest?.status ?? "not started"}${
         r.migrating ? " (migrating)" : ""
       }, up ${r.elapsed} s`,
     );
-    console.log(["NAME", "ROLE", "PID", "STATE"].join("\t"));
+    console.log(["NAME", "ROLE", "PID", "STATE", "RESTARTS"].join("\t"));
     for (const p of r.processes as Array<Record<string, unknown>>) {
-      console.log([p.name, p.role, p.pid, p.state].join("\t"));
+      console.log([p.name, p.role, p.pid, p.state, p.restarts].join("\t"));
     }
   } else {
     console.log(

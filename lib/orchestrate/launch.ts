@@ -20,7 +20,7 @@ import {
 } from "../../ffi/mod.ts";
 import { matchesExpectation, QmpClient, QmpError, type QmpGreeting, QmpProtocolError } from "./qmp.ts";
 import { withParentDeathSignal } from "./pdeathsig.ts";
-import type { Plan, PlannedProcess, PlannedQmpCommand } from "./plan.ts";
+import type { Plan, PlannedProcess, PlannedQmpCommand, Resource } from "./plan.ts";
 
 /** A failure while starting the VM; names the process or QMP step. */
 export class LaunchError extends Error {
@@ -235,6 +235,75 @@ export class Vm {
       const pair = this.#pairs.get(a.resource);
       if (pair) pair[a.end ?? 0].fd.close();
     }
+  }
+
+  /**
+   * Starts one more child while the VM runs (hot-plug): opens its resources, spawns it before QEMU
+   * in stop order (QEMU is stopped first, as for the planned ones) and waits until it is ready.
+   * Throws LaunchError (everything it opened closed again) when it cannot.
+   */
+  async addProcess(p: PlannedProcess, resources: Resource[]): Promise<RunningChild> {
+    if (this.#stopped) throw new LaunchError(`not starting ${p.name}: the VM is being torn down`);
+    for (const r of resources) {
+      if (r.kind === "listen") {
+        this.#listeners.set(r.id, listenUnix(r.path, { nonBlocking: false }));
+        this.#createdPaths.push(r.path);
+      } else {
+        this.#pairs.set(r.id, socketPair({ nonBlocking: false }));
+      }
+    }
+    let child: RunningChild;
+    try {
+      child = this.#spawn(p);
+    } catch (e) {
+      this.dropResources(resources);
+      throw new LaunchError(`${p.name}: ${(e as Error).message}`);
+    }
+    // Stop order is reverse start order: keep QEMU last, so it stops before this back-end.
+    const qemu = this.children.findIndex((c) => c.planned.role === "qemu");
+    if (qemu >= 0 && qemu < this.children.length - 1) {
+      this.children.splice(this.children.indexOf(child), 1);
+      this.children.splice(qemu, 0, child);
+    }
+    try {
+      await this.#ready(child);
+    } catch (e) {
+      await this.removeProcess(child);
+      this.dropResources(resources);
+      throw e;
+    }
+    return child;
+  }
+
+  /** mpq's end of a socketpair resource (e.g. to hand QEMU over QMP); null when it is gone. */
+  pairEnd(resource: string, end: 0 | 1): OwnedFd | null {
+    const fd = this.#pairs.get(resource)?.[end].fd;
+    return fd && !fd.closed ? fd : null;
+  }
+
+  /** Closes what is left of hot-plug resources (sockets mpq still holds; bound paths removed). */
+  dropResources(resources: Resource[]): void {
+    for (const r of resources) {
+      if (r.kind === "listen") {
+        this.#listeners.get(r.id)?.fd.close();
+        this.#listeners.delete(r.id);
+        try {
+          Deno.removeSync(r.path);
+        } catch { /* gone */ }
+      } else {
+        const pair = this.#pairs.get(r.id);
+        if (pair) { for (const s of pair) s.close(); }
+        this.#pairs.delete(r.id);
+      }
+    }
+  }
+
+  /** Stops one child (hot-unplug, or a failed add) and forgets it. */
+  async removeProcess(child: RunningChild): Promise<void> {
+    await this.#stopChild(child, this.#opts.stopTimeoutMs ?? 5000);
+    const i = this.children.indexOf(child);
+    if (i >= 0) this.children.splice(i, 1);
+    this.#log(child.planned.name, `pid ${child.process.pid} stopped (${child.process.status?.text ?? "?"})`);
   }
 
   #spawn(p: PlannedProcess): RunningChild {

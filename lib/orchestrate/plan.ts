@@ -290,7 +290,15 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
     servers.push({
       name: `vhost ${vhostSpecs.map((s) => s.id).join(",")}`,
       role: "vhost",
-      argv: [...ctx.self, "vhost", "serve", ...vhostSpecs.flatMap((s) => ["--device", formatDeviceArg(s)])],
+      // Its control socket: devices hot-plugged later are added to this same process.
+      argv: [
+        ...ctx.self,
+        "vhost",
+        "serve",
+        "--control",
+        `${dir}/vhost.ctl`,
+        ...vhostSpecs.flatMap((s) => ["--device", formatDeviceArg(s)]),
+      ],
       env: {},
       fds: vhostFds,
       ready: { kind: "started", reason: "its listening sockets are pre-opened: QEMU's connects queue" },

@@ -157,6 +157,8 @@ Deno.test("plan orders ivshmem servers, vhost daemons, remotes, QEMU and numbers
     "main.ts",
     "vhost",
     "serve",
+    "--control",
+    "/run/mpq-full-abc/vhost.ctl",
     "--device",
     "blk,id=vblk0,fd=3,file=/tmp/b.img,num-queues=2,read-only",
     "--device",

@@ -8,7 +8,7 @@
  * buffer never grows past QMP_MAX_LINE_BYTES.
  * @module
  */
-import { connectUnix, type Reactor, UnixSocket, type Watch } from "../../ffi/mod.ts";
+import { connectUnix, type OwnedFd, type Reactor, UnixSocket, type Watch } from "../../ffi/mod.ts";
 
 /** QMP's greeting: `{"QMP": {"version": ..., "capabilities": [...]}}`. */
 export interface QmpGreeting {
@@ -116,7 +116,7 @@ export class QmpClient {
   #partialBytes = 0;
   /** Lines received (1-based number of the last one), for error messages. */
   #lines = 0;
-  #out: Uint8Array<ArrayBuffer>[] = [];
+  #out: { data: Uint8Array<ArrayBuffer>; fds: OwnedFd[] }[] = [];
   #nextId = 1;
   #greeted = false;
   #ended = false;
@@ -175,8 +175,14 @@ export class QmpClient {
    * answer, QmpClosedError when the connection ends first (QmpProtocolError when QEMU broke the
    * protocol, also for commands after that).
    */
-  execute(command: string, args?: Record<string, unknown>): Promise<unknown> {
+  execute(
+    command: string,
+    args?: Record<string, unknown>,
+    options: { fds?: OwnedFd[] } = {},
+  ): Promise<unknown> {
+    const fds = options.fds ?? [];
     if (this.#ended) {
+      for (const f of fds) f.close();
       // After a protocol error, say what it was (QEMU may have sent it in the same read as an answer).
       const err = this.#endError instanceof QmpProtocolError
         ? new QmpProtocolError(`${command}: ${this.#endError.message}`)
@@ -187,7 +193,9 @@ export class QmpClient {
     const msg: Record<string, unknown> = { execute: command, id };
     if (args !== undefined) msg.arguments = args;
     const p = new Promise<unknown>((resolve, reject) => this.#pending.set(id, { command, resolve, reject }));
-    this.#out.push(encoder.encode(JSON.stringify(msg) + "\n"));
+    // The fds travel (SCM_RIGHTS) with the command's first byte, as `getfd` and `add-fd` want them;
+    // they are closed here once sent.
+    this.#out.push({ data: encoder.encode(JSON.stringify(msg) + "\n"), fds });
     this.#flush();
     return p;
   }
@@ -197,7 +205,7 @@ export class QmpClient {
       const head = this.#out[0];
       let n: number | null;
       try {
-        n = this.#sock.sendMsg(head);
+        n = this.#sock.sendMsg(head.data, head.fds);
       } catch (e) {
         this.#end(new QmpClosedError(`send failed: ${(e as Error).message}`));
         return;
@@ -206,7 +214,8 @@ export class QmpClient {
         this.#watch.modify({ readable: true, writable: true });
         return;
       }
-      if (n < head.byteLength) this.#out[0] = head.slice(n);
+      for (const f of head.fds) f.close();
+      if (n < head.data.byteLength) this.#out[0] = { data: head.data.slice(n), fds: [] };
       else this.#out.shift();
     }
     if (!this.#ended) this.#watch.modify({ readable: true });
@@ -366,6 +375,7 @@ export class QmpClient {
     this.#endError = cause;
     this.#watch.remove();
     this.#sock.close();
+    for (const o of this.#out) for (const f of o.fds) f.close();
     this.#out = [];
     const Kind = cause instanceof QmpProtocolError ? QmpProtocolError : QmpClosedError;
     if (!this.#greeted) {

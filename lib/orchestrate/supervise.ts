@@ -6,6 +6,7 @@
 import { type ExitStatus, Reactor } from "../../ffi/mod.ts";
 import { ControlServer } from "../vhost/control.ts";
 import { type RunningChild, Vm } from "./launch.ts";
+import { Hotplug } from "./hotplug.ts";
 import { migrate, type MigrationResult } from "./migration.ts";
 import type { Plan } from "./plan.ts";
 
@@ -37,6 +38,8 @@ export interface RunOptions {
    * stage, `STOPPING=1` when teardown begins). Default: none.
    */
   notify?: (state: string) => void;
+  /** Enables `add` and `remove` on the control socket (hot-plug: see hotplug.ts). */
+  hotplug?: { self: readonly string[]; qemu: string; ids: readonly string[] };
 }
 
 /** A child that exited while the VM was up. */
@@ -122,10 +125,20 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
   reactor.onSignal("SIGTERM", () => finish({ kind: "signal", signal: "SIGTERM" }));
   let guestRunning = false;
   let migrating = false;
+  const hotplug = options.hotplug
+    ? new Hotplug({
+      vm,
+      self: options.hotplug.self,
+      qemu: options.hotplug.qemu,
+      log: (l) => options.log(`[${vm.elapsed()}s] ${"hotplug".padEnd(14)} ${l}`),
+    }, options.hotplug.ids)
+    : null;
   const control = options.controlPath
     ? openControl(options.controlPath, reactor, vm, {
       log: options.log,
       notify: (st) => options.notify?.(st),
+      hotplug,
+      stop: () => setTimeout(() => finish({ kind: "signal", signal: "stop" }), 20),
       blockers: options.migrationBlockers ?? [],
       running: () => guestRunning,
       migrating: (on) => migrating = on,
@@ -230,6 +243,9 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
 }
 
 interface ControlHooks {
+  hotplug: Hotplug | null;
+  /** Tears the VM down (after the reply went out). */
+  stop: () => void;
   log: (line: string) => void;
   notify: (state: string) => void;
   blockers: readonly string[];
@@ -263,6 +279,38 @@ function openControl(path: string, reactor: Reactor, vm: Vm, h: ControlHooks): C
             restarts: vm.restarts(c.planned.name),
           })),
         };
+      },
+      add: async (args) => {
+        if (!h.hotplug) throw new Error("this VM takes no hot-plug");
+        if (!h.running()) throw new Error("the guest is not running yet");
+        let device = args.device;
+        if (typeof device === "string") {
+          try {
+            device = JSON.parse(device);
+          } catch (e) {
+            throw new Error(`device is not JSON: ${(e as Error).message}`);
+          }
+        }
+        return await h.hotplug.add(device);
+      },
+      remove: async (args) => {
+        if (!h.hotplug) throw new Error("this VM takes no hot-plug");
+        await h.hotplug.remove(args.id, args.timeoutMs);
+        return null;
+      },
+      stop: () => {
+        h.log(`[${vm.elapsed()}s] ${"control".padEnd(14)} stop requested`);
+        h.stop();
+        return null;
+      },
+      qmp: async (args) => {
+        if (!vm.qmp) throw new Error("QEMU's QMP is not connected");
+        if (typeof args.execute !== "string") throw new Error(`qmp needs "execute" (a QMP command name)`);
+        const a = args.arguments;
+        if (a !== undefined && (typeof a !== "object" || a === null || Array.isArray(a))) {
+          throw new Error(`qmp "arguments" must be a JSON object`);
+        }
+        return await vm.qmp.execute(args.execute, a as Record<string, unknown> | undefined);
       },
       migrate: async (args) => {
         const uri = args.uri;

@@ -1,0 +1,212 @@
+/**
+ * Hot-plug while the guest runs (issue 11 §2), through `mpq ctl SOCKET add|remove`: a running
+ * Debian guest sees an `mpq vhost blk` disk appear, writes and reads it (the host file holds the
+ * data), and sees it disappear; then a remote (x-remote) lsi53c895a appears in its PCI scan. The
+ * failure paths, with a QEMU that runs no guest OS: a back-end that cannot start, a device_add QEMU
+ * refuses, and an unplug the guest never acknowledges — each a clear error, nothing left behind.
+ */
+import assert from "node:assert/strict";
+import { selfCommand } from "../../lib/cli/self.ts";
+import { controlRequest } from "../../lib/cli/control_client.ts";
+import { guestAvailable, kernelPath, writeInitrd } from "../helpers/guest.ts";
+import { MpqRun, qemuAvailable, tempDir, writeTopology } from "./orchestrate_harness.ts";
+
+async function ctl(args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const [exe, ...pre] = selfCommand();
+  const o = await new Deno.Command(exe, { args: [...pre, "ctl", ...args], stdout: "piped", stderr: "piped" })
+    .output();
+  const d = new TextDecoder();
+  return { code: o.code, out: d.decode(o.stdout), err: d.decode(o.stderr) };
+}
+
+async function controlSocket(run: MpqRun): Promise<string> {
+  return (await run.waitFor(/\] control +mpq ctl (\S+) status/))[1];
+}
+
+async function marker(consoleFile: string, name: string, run: MpqRun): Promise<string> {
+  const deadline = Date.now() + 120_000;
+  let text = "";
+  const re = new RegExp(`MPQ:${name}(?: (.*))?\\n`);
+  while (Date.now() < deadline) {
+    try {
+      text = Deno.readTextFileSync(consoleFile).replaceAll("\r", "");
+    } catch { /* not yet */ }
+    const m = text.match(re);
+    if (m) return m[1] ?? "";
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`MPQ:${name} never appeared\n--- console ---\n${text.slice(-3000)}\n${run.report()}`);
+}
+
+async function sha256(data: Uint8Array<ArrayBuffer>): Promise<string> {
+  const d = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
+  return [...d].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+const GUEST = [
+  `mark booted`,
+  // A disk appears (hot-plugged): write 256 KiB, read it back past the page cache.
+  `i=0; while [ ! -e /sys/block/vda ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done`,
+  `mark disk $(cat /sys/block/vda/size 2>/dev/null || echo none)`,
+  `dd if=/dev/urandom of=/tmp/d bs=64k count=4 2>/dev/null`,
+  `dd if=/tmp/d of=/dev/vda bs=64k conv=fsync 2>/dev/null`,
+  `echo 3 > /proc/sys/vm/drop_caches`,
+  `dd if=/dev/vda of=/tmp/b bs=64k count=4 2>/dev/null`,
+  `cmp -s /tmp/d /tmp/b && mark rw same || mark rw differ`,
+  `mark sha $(sha256sum /tmp/d | cut -d' ' -f1)`,
+  // It disappears (hot-unplugged).
+  `i=0; while [ -e /sys/block/vda ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done`,
+  `[ -e /sys/block/vda ] && mark gone no || mark gone yes`,
+  // A remote lsi53c895a appears on the PCI bus.
+  `i=0; while ! grep -qx 0x0012 /sys/bus/pci/devices/*/device 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done`,
+  `grep -lx 0x0012 /sys/bus/pci/devices/*/device >/dev/null 2>&1 && mark lsi yes || mark lsi no`,
+  `sleep 120`, // the host checks the VM while it still runs, then stops it
+].join("\n");
+
+Deno.test({
+  name:
+    "orchestrate hot-plug e2e: a running guest sees an mpq vhost-user-blk disk appear, uses it, sees it go; then a remote lsi53c895a appears",
+  ignore: !guestAvailable(),
+  async fn() {
+    using dir = tempDir("mpq-hotplug-");
+    const disk = `${dir.path}/hp.img`;
+    Deno.writeFileSync(disk, new Uint8Array(8 << 20));
+    const initrd = `${dir.path}/initrd`;
+    await writeInitrd(initrd, GUEST);
+    const consoleFile = `${dir.path}/console.log`;
+    await using run = MpqRun.start([
+      "orchestrate",
+      writeTopology(dir.path, {
+        name: "hotplug",
+        memory: "256M",
+        kernel: kernelPath(),
+        initrd,
+        append: "console=ttyS0 panic=-1 quiet loglevel=3",
+        console: { file: consoleFile },
+      }),
+    ]);
+    await run.waitFor(/\] running +1 process/);
+    const control = await controlSocket(run);
+    await marker(consoleFile, "booted", run);
+
+    const added = await ctl([
+      control,
+      "add",
+      JSON.stringify({ type: "vhost-user-blk", id: "hp0", backend: { mpq: { file: disk } } }),
+    ]);
+    assert.equal(added.code, 0, `${added.err}\n${run.report()}`);
+    assert.equal(added.out.trim(), "added vhost-user-blk hp0");
+    assert.equal(await marker(consoleFile, "disk", run), String((8 << 20) / 512));
+    assert.equal(await marker(consoleFile, "rw", run), "same");
+    const sha = await marker(consoleFile, "sha", run);
+    assert.equal(await sha256(Deno.readFileSync(disk).slice(0, 256 << 10)), sha, "the host file holds it");
+    const st = await ctl([control, "status"]);
+    assert.match(st.out, /vhost \(hot-plug\)\tvhost\t\d+\trunning/);
+
+    const removed = await ctl([control, "remove", "hp0"]);
+    assert.equal(removed.code, 0, removed.err);
+    assert.equal(await marker(consoleFile, "gone", run), "yes");
+    const chardevs = await ctl([control, "qmp", "query-chardev"]);
+    assert.doesNotMatch(chardevs.out, /chr-hp0/, "its chardev is gone");
+
+    const lsi = await ctl([
+      control,
+      "add",
+      JSON.stringify({ type: "remote", id: "lsi9", device: "lsi53c895a" }),
+    ]);
+    assert.equal(lsi.code, 0, `${lsi.err}\n${run.report()}`);
+    assert.equal(await marker(consoleFile, "lsi", run), "yes");
+    assert.match((await ctl([control, "status"])).out, /remote lsi9\tremote\t\d+\trunning/);
+  },
+});
+
+Deno.test({
+  name:
+    "orchestrate hot-plug: a back-end that cannot start, a device_add QEMU refuses and an unacknowledged unplug say why and leave nothing behind",
+  ignore: !qemuAvailable(),
+  async fn() {
+    using dir = tempDir("mpq-hotplug-fail-");
+    const disk = `${dir.path}/d.img`;
+    Deno.writeFileSync(disk, new Uint8Array(1 << 20));
+    await using run = MpqRun.start([
+      "orchestrate",
+      writeTopology(dir.path, {
+        name: "hotplug-fail",
+        memory: "32M",
+        console: "none",
+        devices: [{ type: "vhost-user-blk", id: "vblk0", backend: { mpq: { file: disk } } }],
+      }),
+    ]);
+    await run.waitFor(/\] running +2 processes/);
+    const control = await controlSocket(run);
+    const vhostCtl = control.replace(/control\.sock$/, "vhost.ctl");
+    const fdsOf = (pid: number) => [...Deno.readDirSync(`/proc/${pid}/fd`)].length;
+    const vhostPid = run.pids.get("vhost vblk0")!;
+    const qemuPid = run.pids.get("qemu")!;
+    // Warm up what the checks themselves use (a control connection to each, a QMP passthrough),
+    // so that the counts compared are those of the devices alone.
+    await controlRequest(vhostCtl, "list");
+    await ctl([control, "qmp", "query-chardev"]);
+    await ctl([control, "qmp", "closefd", JSON.stringify({ fdname: "none" })]);
+    const before = { vhost: fdsOf(vhostPid), qemu: fdsOf(qemuPid) };
+    const nothingLeft = async (what: string) => {
+      const devices = await controlRequest(vhostCtl, "list");
+      assert.deepEqual((devices.result as Array<{ id: string }>).map((d) => d.id), ["vblk0"], what);
+      const chr = await ctl([control, "qmp", "query-chardev"]);
+      assert.doesNotMatch(chr.out, /chr-hp/, `${what}: no chardev left`);
+      assert.deepEqual({ vhost: fdsOf(vhostPid), qemu: fdsOf(qemuPid) }, before, `${what}: no fd left`);
+    };
+
+    // 1. The back-end cannot open its image.
+    const missing = await ctl([
+      control,
+      "add",
+      JSON.stringify({
+        type: "vhost-user-blk",
+        id: "hp1",
+        backend: { mpq: { file: `${dir.path}/none.img` } },
+      }),
+    ]);
+    assert.equal(missing.code, 1);
+    assert.match(missing.err, /add hp1: the vhost back-end failed: .*none\.img.*; nothing was left/);
+    await nothingLeft("missing image");
+
+    // 2. QEMU refuses the device: more queues than the back-end offers.
+    const refused = await ctl([
+      control,
+      "add",
+      JSON.stringify({
+        type: "vhost-user-blk",
+        id: "hp2",
+        backend: { mpq: { file: disk, numQueues: 1 } },
+        numQueues: 4,
+      }),
+    ]);
+    assert.equal(refused.code, 1);
+    // (QEMU reports the last of its reconnect attempts, not the queue count it refused.)
+    assert.match(refused.err, /add hp2: device_add failed: device_add: GenericError: .*; nothing was left/);
+    await nothingLeft("refused device_add");
+
+    // 3. A bad device object is refused before anything happens, naming the field.
+    const bad = await ctl([
+      control,
+      "add",
+      JSON.stringify({ type: "vhost-user-blk", id: "hp3", backend: {} }),
+    ]);
+    assert.equal(bad.code, 1);
+    assert.match(bad.err, /add: device\.backend: /);
+
+    // 4. No guest OS acknowledges the unplug: a clear error after the timeout.
+    const ok = await ctl([
+      control,
+      "add",
+      JSON.stringify({ type: "vhost-user-rng", id: "hp4", backend: { mpq: {} } }),
+    ]);
+    assert.equal(ok.code, 0, ok.err);
+    const stuck = await controlRequest(control, "remove", { id: "hp4", timeoutMs: 1500 });
+    assert.equal(stuck.ok, false);
+    assert.match(stuck.error!, /remove hp4: the guest did not release it within 1\.5 s/);
+    const notMine = await ctl([control, "remove", "vblk0"]);
+    assert.match(notMine.err, /only devices added with `add` can be removed/);
+  },
+});
