@@ -10,6 +10,7 @@ import { selfCommand } from "../cli/self.ts";
 import { DEMO_INTRO, demoTopology, watchDemo } from "./demo.ts";
 import { incomingProblem, migrationBlockers } from "./migration.ts";
 import { formatPlan, planTopology } from "./plan.ts";
+import { descriptorDirs, pickDescriptor, readDescriptorFiles } from "./vhost_user_descriptors.ts";
 import { QmpClient, QmpClosedError, QmpError } from "./qmp.ts";
 import { runPlan } from "./supervise.ts";
 import { parseTopology, type Topology, TopologyError } from "./topology.ts";
@@ -122,6 +123,20 @@ export async function main(args: string[]): Promise<number> {
   }
   const name = makeTopology(`${tmpBase()}/mpq-X`).name;
   const self = selfCommand();
+  // Installed vhost-user back-ends named by descriptor: resolved now, so planning reads no files.
+  const descriptors: Record<string, string> = {};
+  makeTopology(`${tmpBase()}/mpq-X`).devices.forEach((d, i) => {
+    if (d.type !== "vhost-user" || !("descriptor" in d.backend)) return;
+    const wanted = d.backend.descriptor;
+    try {
+      descriptors[wanted] =
+        pickDescriptor(wanted, readDescriptorFiles(descriptorDirs(Deno.env.toObject()))).binary;
+    } catch (e) {
+      throw new InputError(
+        `${pos[0] ?? "topology"}: devices[${i}].backend.descriptor: ${(e as Error).message}`,
+      );
+    }
+  });
   const incoming = v.incoming;
   const blockers = migrationBlockers(makeTopology(`${tmpBase()}/mpq-X`));
   if (incoming !== undefined) {
@@ -144,6 +159,7 @@ export async function main(args: string[]): Promise<number> {
       runtimeDir: `${tmpBase()}/mpq-${name}-XXXXXX`,
       self,
       incoming,
+      descriptors,
     });
     console.log(v.json ? JSON.stringify(plan, null, 2) : formatPlan(plan));
     return 0;
@@ -151,7 +167,7 @@ export async function main(args: string[]): Promise<number> {
 
   const runtimeDir = Deno.makeTempDirSync({ prefix: `mpq-${name}-` });
   const topology = makeTopology(runtimeDir);
-  const plan = planTopology(topology, { runtimeDir, self, incoming });
+  const plan = planTopology(topology, { runtimeDir, self, incoming, descriptors });
   if (v.demo) console.log(DEMO_INTRO);
   const log = (l: string) => console.log(l);
   return await runPlan(plan, {

@@ -117,6 +117,14 @@ export class Hotplug {
         throw new HotplugError(`add ${device.id}: ${what} failed: ${(e as Error).message}; nothing was left`);
       }
     };
+    if (device.type === "vhost-user" || (device.type === "vhost-user-blk" && "qsd" in device.backend)) {
+      throw new HotplugError(
+        `add ${device.id}: only mpq-served or external vhost-user-blk/rng, remote and ivshmem devices can be ` +
+          `hot-plugged (not ${
+            device.type === "vhost-user" ? device.device : "a qemu-storage-daemon back-end"
+          })`,
+      );
+    }
     switch (device.type) {
       case "vhost-user-blk":
       case "vhost-user-rng": {

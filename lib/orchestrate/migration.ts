@@ -7,6 +7,9 @@
 import type { QmpClient } from "./qmp.ts";
 import type { Topology } from "./topology.ts";
 
+/** vhost-user device models QEMU 7.2 cannot migrate (their VMState is `unmigratable`). */
+const UNMIGRATABLE_VHOST: ReadonlySet<string> = new Set(["vhost-user-fs-pci", "vhost-user-gpu-pci"]);
+
 /**
  * Why QEMU 7.2 would refuse to migrate this topology, one line per device (empty: it can).
  * @example
@@ -33,6 +36,11 @@ export function migrationBlockers(t: Topology): string[] {
           `${d.id} (ivshmem-doorbell): a peer device (master=off, the only mode a topology makes) blocks ` +
             `migration in QEMU`,
         );
+        break;
+      case "vhost-user":
+        if (UNMIGRATABLE_VHOST.has(d.device)) {
+          out.push(`${d.id} (${d.device}): QEMU 7.2 marks it unmigratable`);
+        }
         break;
       case "vhost-user-blk":
         break;

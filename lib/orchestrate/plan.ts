@@ -14,6 +14,11 @@ export interface PlanContext {
   self: readonly string[];
   /** Start as a live migration's destination: QEMU waits with `-incoming URI`. */
   incoming?: string;
+  /**
+   * The programs of the vhost-user descriptors the topology names (descriptor name or type ->
+   * binary), found by vhost_user_descriptors.ts before planning (planning reads no files).
+   */
+  descriptors?: Readonly<Record<string, string>>;
 }
 
 /** A listening UNIX socket the orchestrator creates at `path` before anything starts. */
@@ -157,6 +162,8 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
   let vhostRestart = true;
   const vhostFds: FdAssignment[] = [];
   const remotes: PlannedProcess[] = [];
+  /** Other back-ends mpq starts: qemu-storage-daemon, vhost-user programs. */
+  const others: PlannedProcess[] = [];
   const qemuDevArgs: string[] = [];
   const qemuFds: FdAssignment[] = [
     { fd: 3, resource: "qmp" },
@@ -198,10 +205,73 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
         });
         break;
       }
+      case "vhost-user": {
+        let path: string;
+        if ("socket" in d.backend) {
+          path = d.backend.socket;
+          external.push({ path, purpose: `vhost-user back-end of ${d.id}` });
+        } else {
+          path = `${dir}/vhost-${d.id}.sock`;
+          const res = `vhost-${d.id}`;
+          resources.push({ id: res, kind: "listen", path, purpose: `vhost-user socket of ${d.id}` });
+          let argv: string[];
+          if ("command" in d.backend) argv = [...d.backend.command];
+          else {
+            const binary = ctx.descriptors?.[d.backend.descriptor];
+            if (!binary) {
+              throw new Error(`${d.id}: descriptor ${JSON.stringify(d.backend.descriptor)} was not resolved`);
+            }
+            argv = [binary, ...d.backend.args];
+          }
+          // The vhost-user back-end program conventions: a listening socket as --fd.
+          argv.push("--fd=3");
+          others.push({
+            name: `vhost-user ${d.id}`,
+            role: "vhost",
+            argv,
+            env: {},
+            fds: [{ fd: 3, resource: res }],
+            ready: { kind: "started", reason: "its listening socket is pre-opened: QEMU's connect queues" },
+            ownProcessGroup: true,
+          });
+        }
+        qemuDevArgs.push("-chardev", `socket,id=chr-${d.id},path=${qemuOptValue(path)}`);
+        const props = Object.entries(d.properties).map(([k, v]) =>
+          `,${k}=${typeof v === "boolean" ? (v ? "on" : "off") : qemuOptValue(String(v))}`
+        ).join("");
+        qemuDevArgs.push("-device", `${d.device},id=${d.id},chardev=chr-${d.id}${props}`);
+        break;
+      }
       case "vhost-user-blk":
       case "vhost-user-rng": {
         let path: string;
-        if ("socket" in d.backend) {
+        if ("qsd" in d.backend) {
+          const q = d.backend.qsd;
+          path = `${dir}/vhost-${d.id}.sock`;
+          const res = `vhost-${d.id}`;
+          resources.push({ id: res, kind: "listen", path, purpose: `vhost-user socket of ${d.id}` });
+          const ro = q.readOnly ? ",read-only=on" : "";
+          others.push({
+            name: `qsd ${d.id}`,
+            role: "vhost",
+            argv: [
+              q.binary,
+              "--blockdev",
+              `driver=file,node-name=file-${d.id},filename=${qemuOptValue(q.file)}${ro}`,
+              "--blockdev",
+              `driver=${q.format},node-name=disk-${d.id},file=file-${d.id}${ro}`,
+              "--export",
+              `type=vhost-user-blk,id=export-${d.id},node-name=disk-${d.id},addr.type=fd,addr.str=3,` +
+              `writable=${q.readOnly ? "off" : "on"},num-queues=${
+                (d as { numQueues?: number }).numQueues ?? 1
+              }`,
+            ],
+            env: {},
+            fds: [{ fd: 3, resource: res }],
+            ready: { kind: "started", reason: "its listening socket is pre-opened: QEMU's connect queues" },
+            ownProcessGroup: true,
+          });
+        } else if ("socket" in d.backend) {
           path = d.backend.socket;
           external.push({ path, purpose: `vhost-user back-end of ${d.id}` });
         } else {
@@ -232,7 +302,7 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
           }
         }
         const restart = d.type === "vhost-user-blk" && d.restart === "on-failure";
-        if (!("socket" in d.backend) && !restart) vhostRestart = false;
+        if ("mpq" in d.backend && !restart) vhostRestart = false;
         // reconnect=1: QEMU reconnects to a restarted back-end (once a second).
         qemuDevArgs.push(
           "-chardev",
@@ -348,6 +418,7 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
     processes: [
       ...ivshmemServers,
       ...servers,
+      ...others,
       ...remotes,
       {
         name: "qemu",

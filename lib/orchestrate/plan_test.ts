@@ -302,3 +302,39 @@ Deno.test("plan restart: the vhost process is restartable only when every device
   assert.equal(mixed.processes.find((p) => p.role === "vhost")!.restart, undefined);
   assert.doesNotMatch(mixed.processes.find((p) => p.role === "qemu")!.argv.join(" "), /chr-b,[^ ]*reconnect/);
 });
+
+Deno.test("plan vhost-user devices: the descriptor's program with --fd=3 on a pre-opened socket; qsd with an fd export", () => {
+  const t = validateTopology({
+    devices: [
+      {
+        type: "vhost-user",
+        id: "fs0",
+        device: "vhost-user-fs-pci",
+        backend: { descriptor: "fs", args: ["-o", "source=/srv"] },
+        properties: { tag: "share,1", "cache-size": 0, x: true },
+      },
+      { type: "vhost-user-blk", id: "q", backend: { qsd: { file: "/img.qcow2", format: "qcow2" } } },
+    ],
+  });
+  assert.throws(() => planTopology(t, CTX), /fs0: descriptor "fs" was not resolved/);
+  const plan = planTopology(t, { ...CTX, descriptors: { fs: "/usr/lib/qemu/virtiofsd" } });
+  const fs = plan.processes.find((p) => p.name === "vhost-user fs0")!;
+  assert.deepEqual(fs.argv, ["/usr/lib/qemu/virtiofsd", "-o", "source=/srv", "--fd=3"]);
+  assert.deepEqual(fs.fds, [{ fd: 3, resource: "vhost-fs0" }]);
+  const qsd = plan.processes.find((p) => p.name === "qsd q")!;
+  assert.deepEqual(qsd.argv, [
+    "qemu-storage-daemon",
+    "--blockdev",
+    "driver=file,node-name=file-q,filename=/img.qcow2",
+    "--blockdev",
+    "driver=qcow2,node-name=disk-q,file=file-q",
+    "--export",
+    "type=vhost-user-blk,id=export-q,node-name=disk-q,addr.type=fd,addr.str=3,writable=on,num-queues=1",
+  ]);
+  const qemu = plan.processes.find((p) => p.role === "qemu")!.argv.join(" ");
+  assert.match(qemu, /-device vhost-user-fs-pci,id=fs0,chardev=chr-fs0,tag=share,,1,cache-size=0,x=on/);
+  assert.match(
+    qemu,
+    /-chardev socket,id=chr-q,path=\/run\/mpq-t\/vhost-q\.sock -device vhost-user-blk-pci,id=q/,
+  );
+});

@@ -38,11 +38,19 @@ export interface RemoteDevice {
 /** Who serves a vhost-user or ivshmem socket: an mpq child of the orchestrator, or someone else. */
 export type Backend<M> = { mpq: M } | { socket: string };
 
+/**
+ * qemu-storage-daemon as a disk's back-end, for what mpq vhost does not do (qcow2 images and their
+ * backing chains): mpq starts it with a vhost-user-blk export on a socket mpq pre-opens.
+ */
+export interface QsdBackend {
+  qsd: { file: string; format: "raw" | "qcow2"; readOnly: boolean; binary: string };
+}
+
 /** A vhost-user block device. */
 export interface VhostBlkDevice {
   type: "vhost-user-blk";
   id: string;
-  backend: Backend<{ file: string; readOnly: boolean; numQueues?: number }>;
+  backend: Backend<{ file: string; readOnly: boolean; numQueues?: number }> | QsdBackend;
   numQueues?: number;
   /**
    * When its mpq back-end fails: "on-failure" restarts it (QEMU reconnects, requests in flight are
@@ -71,8 +79,23 @@ export interface IvshmemDevice {
   server: Backend<{ size: string }>;
 }
 
+/**
+ * Any vhost-user device QEMU has (vhost-user-fs-pci, vhost-user-gpu-pci, ...) with any back-end:
+ * one named by a QEMU vhost-user JSON descriptor (docs/interop/vhost-user.json), a command line, or a
+ * socket someone else serves. mpq starts the first two with `--fd=3` on a socket it pre-opens.
+ */
+export interface GenericVhostDevice {
+  type: "vhost-user";
+  id: string;
+  /** The QEMU device model, e.g. "vhost-user-fs-pci". */
+  device: string;
+  backend: { descriptor: string; args: string[] } | { command: string[] } | { socket: string };
+  /** More `-device` properties (`tag` for vhost-user-fs-pci, ...). */
+  properties: Record<string, string | number | boolean>;
+}
+
 /** Any device of a topology. */
-export type Device = RemoteDevice | VhostBlkDevice | VhostRngDevice | IvshmemDevice;
+export type Device = RemoteDevice | VhostBlkDevice | VhostRngDevice | IvshmemDevice | GenericVhostDevice;
 
 /** Where the guest's serial console goes. */
 export type Console = "none" | "stdio" | { file: string };
@@ -309,8 +332,23 @@ function backend<M>(
   return { mpq: mpq(b.mpq, at(p, "mpq")) };
 }
 
+function qsdBackend(o: Obj, path: string): QsdBackend {
+  const bp = at(path, "backend");
+  const b = obj(o.backend, bp, ["qsd"]);
+  const p = at(bp, "qsd");
+  const q = obj(b.qsd, p, ["file", "format", "readOnly", "binary"]);
+  return {
+    qsd: {
+      file: reqStr(q, "file", p, "a string path"),
+      format: oneOf(q, "format", p, ["raw", "qcow2"] as const) ?? "raw",
+      readOnly: bool(q, "readOnly", p) ?? false,
+      binary: str(q, "binary", p, "a program") ?? "qemu-storage-daemon",
+    },
+  };
+}
+
 function device(v: unknown, path: string, seen: Map<string, string>): Device {
-  const kinds = ["remote", "vhost-user-blk", "vhost-user-rng", "ivshmem"] as const;
+  const kinds = ["remote", "vhost-user-blk", "vhost-user-rng", "ivshmem", "vhost-user"] as const;
   if (typeof v !== "object" || v === null || Array.isArray(v)) {
     throw new TopologyError(path, `expected an object, got ${describe(v)}`);
   }
@@ -337,20 +375,19 @@ function device(v: unknown, path: string, seen: Map<string, string>): Device {
       const o = obj(v, path, ["type", "id", "backend", "numQueues", "restart"]);
       const devId = id(o, path, seen);
       const restart = oneOf(o, "restart", path, ["on-failure", "never"] as const) ?? "never";
-      if (
-        restart === "on-failure" && typeof o.backend === "object" && o.backend !== null &&
-        "socket" in o.backend
-      ) {
+      const b = o.backend;
+      const isQsd = typeof b === "object" && b !== null && !Array.isArray(b) && "qsd" in b;
+      if (restart === "on-failure" && typeof b === "object" && b !== null && ("socket" in b || isQsd)) {
         throw new TopologyError(
           at(path, "restart"),
-          `"on-failure" needs an mpq back-end ("backend": {"mpq": ...}): mpq cannot restart a back-end it did not start`,
+          `"on-failure" needs an mpq back-end ("backend": {"mpq": ...}): mpq restarts only its own vhost back-end`,
         );
       }
       return {
         type,
         id: devId,
         restart,
-        backend: backend(o, "backend", path, (m, p) => {
+        backend: isQsd ? qsdBackend(o, path) : backend(o, "backend", path, (m, p) => {
           const mo = obj(m, p, ["file", "readOnly", "numQueues"]);
           const out: { file: string; readOnly: boolean; numQueues?: number } = {
             file: reqStr(mo, "file", p, "a string path"),
@@ -379,6 +416,68 @@ function device(v: unknown, path: string, seen: Map<string, string>): Device {
           return {} as Record<string, never>;
         }),
       };
+    }
+    case "vhost-user": {
+      const o = obj(v, path, ["type", "id", "device", "backend", "properties"]);
+      const devId = id(o, path, seen);
+      const model = reqStr(o, "device", path, 'a QEMU vhost-user device model such as "vhost-user-fs-pci"');
+      if (!/^vhost-user-[a-z0-9-]+$/.test(model)) {
+        throw new TopologyError(
+          at(path, "device"),
+          `expected a vhost-user-* device model, got ${describe(model)}`,
+        );
+      }
+      const bp = at(path, "backend");
+      if (o.backend === undefined) {
+        throw new TopologyError(
+          bp,
+          `missing (expected {"descriptor": NAME}, {"command": [...]} or {"socket": PATH})`,
+        );
+      }
+      const b = obj(o.backend, bp, ["descriptor", "args", "command", "socket"]);
+      const given = ["descriptor", "command", "socket"].filter((k) => b[k] !== undefined);
+      if (given.length !== 1) {
+        throw new TopologyError(
+          bp,
+          `expected exactly one of "descriptor", "command" or "socket", got ${given.length}`,
+        );
+      }
+      let be: GenericVhostDevice["backend"];
+      if (b.descriptor !== undefined) {
+        be = {
+          descriptor: reqStr(b, "descriptor", bp, "a descriptor name or type"),
+          args: strArray(b, "args", bp),
+        };
+      } else if (b.command !== undefined) {
+        if (b.args !== undefined) {
+          throw new TopologyError(at(bp, "args"), `goes with "descriptor" (put them in "command")`);
+        }
+        const command = strArray(b, "command", bp);
+        if (command.length === 0) {
+          throw new TopologyError(at(bp, "command"), "expected a program and its arguments");
+        }
+        be = { command };
+      } else {
+        if (b.args !== undefined) throw new TopologyError(at(bp, "args"), `goes with "descriptor"`);
+        be = { socket: reqStr(b, "socket", bp, "a string path") };
+      }
+      const props: Record<string, string | number | boolean> = {};
+      if (o.properties !== undefined) {
+        const po = obj(o.properties, at(path, "properties"), Object.keys(o.properties as Obj));
+        for (const [k, val] of Object.entries(po)) {
+          if (!/^[a-z][a-z0-9-]*$/.test(k) || ["id", "chardev", "driver"].includes(k)) {
+            throw new TopologyError(at(at(path, "properties"), k), `not a property mpq lets you set`);
+          }
+          if (!["string", "number", "boolean"].includes(typeof val)) {
+            throw new TopologyError(
+              at(at(path, "properties"), k),
+              `expected a string, number or boolean, got ${describe(val)}`,
+            );
+          }
+          props[k] = val as string | number | boolean;
+        }
+      }
+      return { type, id: devId, device: model, backend: be, properties: props };
     }
     case "ivshmem": {
       const o = obj(v, path, ["type", "id", "vectors", "server"]);

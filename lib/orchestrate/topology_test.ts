@@ -121,7 +121,7 @@ const BAD: Array<[unknown, string]> = [
   [{ devices: [{ id: "a" }] }, `devices[0].type: missing (expected one of "remote", "vhost-user-blk"`],
   [
     { devices: [{ type: "nvme", id: "a" }] },
-    `devices[0].type: expected one of "remote", "vhost-user-blk", "vhost-user-rng", "ivshmem", got "nvme"`,
+    `devices[0].type: expected one of "remote", "vhost-user-blk", "vhost-user-rng", "ivshmem", "vhost-user", got "nvme"`,
   ],
   [{ devices: [{ type: "remote", device: "lsi53c895a" }] }, "devices[0].id: missing (expected an id"],
   [
@@ -247,4 +247,70 @@ Deno.test("topology restart: on-failure for mpq-served vhost-user-blk; refused e
       }),
     /devices\[0\]\.restart: only vhost-user-blk back-ends can be restarted/,
   );
+});
+
+Deno.test("topology vhost-user devices: descriptor, command or socket back-ends, properties; errors name the field", () => {
+  const t = validateTopology({
+    devices: [
+      {
+        type: "vhost-user",
+        id: "fs0",
+        device: "vhost-user-fs-pci",
+        backend: { descriptor: "qemu-virtiofsd", args: ["-o", "source=/srv"] },
+        properties: { tag: "share", "queue-size": 1024 },
+      },
+      {
+        type: "vhost-user",
+        id: "gpu0",
+        device: "vhost-user-gpu-pci",
+        backend: { command: ["/usr/lib/qemu/vhost-user-gpu"] },
+      },
+      { type: "vhost-user", id: "x", device: "vhost-user-vsock-pci", backend: { socket: "/run/v.sock" } },
+      { type: "vhost-user-blk", id: "q", backend: { qsd: { file: "/img.qcow2", format: "qcow2" } } },
+    ],
+  });
+  assert.deepEqual(t.devices[0], {
+    type: "vhost-user",
+    id: "fs0",
+    device: "vhost-user-fs-pci",
+    backend: { descriptor: "qemu-virtiofsd", args: ["-o", "source=/srv"] },
+    properties: { tag: "share", "queue-size": 1024 },
+  });
+  assert.deepEqual((t.devices[3] as { backend: unknown }).backend, {
+    qsd: { file: "/img.qcow2", format: "qcow2", readOnly: false, binary: "qemu-storage-daemon" },
+  });
+  const bad: Array<[unknown, RegExp]> = [
+    [
+      { type: "vhost-user", id: "a", device: "virtio-net-pci", backend: { socket: "/s" } },
+      /devices\[0\]\.device: expected a vhost-user-\* device model/,
+    ],
+    [
+      { type: "vhost-user", id: "a", device: "vhost-user-fs-pci", backend: {} },
+      /devices\[0\]\.backend: expected exactly one of "descriptor", "command" or "socket", got 0/,
+    ],
+    [
+      { type: "vhost-user", id: "a", device: "vhost-user-fs-pci", backend: { command: [] } },
+      /devices\[0\]\.backend\.command: expected a program/,
+    ],
+    [
+      { type: "vhost-user", id: "a", device: "vhost-user-fs-pci", backend: { socket: "/s", args: [] } },
+      /devices\[0\]\.backend\.args: goes with "descriptor"/,
+    ],
+    [{
+      type: "vhost-user",
+      id: "a",
+      device: "vhost-user-fs-pci",
+      backend: { socket: "/s" },
+      properties: { chardev: "x" },
+    }, /devices\[0\]\.properties\.chardev: not a property mpq lets you set/],
+    [
+      { type: "vhost-user-blk", id: "q", backend: { qsd: { file: "/i", format: "vmdk" } } },
+      /devices\[0\]\.backend\.qsd\.format: expected one of "raw", "qcow2"/,
+    ],
+    [
+      { type: "vhost-user-blk", id: "q", backend: { qsd: { file: "/i" } }, restart: "on-failure" },
+      /devices\[0\]\.restart: "on-failure" needs an mpq back-end/,
+    ],
+  ];
+  for (const [d, re] of bad) assert.throws(() => validateTopology({ devices: [d] }), re);
 });

@@ -34,6 +34,8 @@ export const GUEST_MODULES = [
   "kernel/drivers/virtio/virtio_pci",
   "kernel/drivers/block/virtio_blk",
   "kernel/drivers/char/hw_random/virtio-rng",
+  "kernel/fs/fuse/fuse",
+  "kernel/fs/fuse/virtiofs",
 ] as const;
 
 /** Default time to wait for one marker (TCG on a loaded CI machine boots in 5-60 s). */
