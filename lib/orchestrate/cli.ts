@@ -175,7 +175,7 @@ export async function main(args: string[]): Promise<number> {
     error: (l) => console.error(`mpq orchestrate: ${l}`),
     stopTimeoutMs,
     whileRunning: v.demo ? (vm) => watchDemo(vm, { log }) : undefined,
-    controlPath: `${runtimeDir}/control.sock`,
+    controlPath: topology.control ?? `${runtimeDir}/control.sock`,
     migrationBlockers: blockers,
     notify: (state) => sdNotify(state, (l) => console.error(l)),
     hotplug: { self, qemu: topology.qemu, ids: topology.devices.map((d) => d.id) },

@@ -4,11 +4,11 @@
  */
 import { parseArgs } from "node:util";
 import { controlRequest } from "../cli/control_client.ts";
-import { UsageError } from "../cli/errors.ts";
+import { InputError, UsageError } from "../cli/errors.ts";
 import { incomingProblem } from "./migration.ts";
 
 /** Usage of `mpq ctl`. */
-export const CTL_USAGE = `Usage: mpq ctl SOCKET status|stop [--json]
+export const CTL_USAGE = `Usage: mpq ctl SOCKET status|stop|events [--json]
        mpq ctl SOCKET add DEVICE-JSON [--json]
        mpq ctl SOCKET remove ID [--json]
        mpq ctl SOCKET qmp COMMAND [JSON-ARGS] [--json]
@@ -22,6 +22,8 @@ Talks to a running \`mpq orchestrate\` through its control socket (printed at it
                  (vhost-user-blk, vhost-user-rng, remote, ivshmem); a failed add leaves nothing behind
   remove ID      hot-unplug a device added with add (waits for the guest to release it)
   qmp CMD [ARGS] one QMP command on the VM's monitor (ARGS: a JSON object)
+  events         print the VM's events as they happen (a process exited or was restarted, a device
+                 was added or removed, QEMU's QMP events, stopping) until the VM stops
   stop           tear the VM down in order (as SIGTERM)
   migrate URI    live-migrate the guest to a destination started with
                  \`mpq orchestrate TOPOLOGY --incoming URI\` (tcp:HOST:PORT or unix:PATH); waits until
@@ -49,6 +51,10 @@ export async function ctlMain(args: string[]): Promise<number> {
   const [socket, cmd, ...rest] = parsed.positionals;
   if (!socket || !cmd) throw new UsageError("SOCKET and COMMAND are required", CTL_USAGE);
   let req: Record<string, unknown> = {};
+  if (cmd === "events") {
+    if (rest.length > 0) throw new UsageError(`events takes no arguments: got ${rest.join(" ")}`, CTL_USAGE);
+    return await followEvents(socket, !!parsed.values.json);
+  }
   if (cmd === "status") {
     if (rest.length > 0) throw new UsageError(`status takes no arguments: got ${rest.join(" ")}`, CTL_USAGE);
   } else if (cmd === "stop") {
@@ -82,7 +88,7 @@ export async function ctlMain(args: string[]): Promise<number> {
     req = { uri: rest[0] };
   } else {
     throw new UsageError(
-      `unknown command ${JSON.stringify(cmd)} (status, add, remove, qmp, stop, migrate)`,
+      `unknown command ${JSON.stringify(cmd)} (status, events, add, remove, qmp, stop, migrate)`,
       CTL_USAGE,
     );
   }
@@ -122,4 +128,41 @@ export async function ctlMain(args: string[]): Promise<number> {
     );
   }
   return 0;
+}
+
+/** `events`: subscribes and prints each event line until the VM's control socket closes. */
+async function followEvents(path: string, json: boolean): Promise<number> {
+  let conn: Deno.UnixConn;
+  try {
+    conn = await Deno.connect({ transport: "unix", path });
+  } catch (e) {
+    throw new InputError(`${path}: cannot connect: ${(e as Error).message}`);
+  }
+  try {
+    await conn.write(new TextEncoder().encode(JSON.stringify({ id: 1, cmd: "subscribe" }) + "\n"));
+    let pending = "";
+    const dec = new TextDecoder();
+    for await (const chunk of conn.readable) {
+      pending += dec.decode(chunk, { stream: true });
+      let nl: number;
+      while ((nl = pending.indexOf("\n")) >= 0) {
+        const line = pending.slice(0, nl);
+        pending = pending.slice(nl + 1);
+        const m = JSON.parse(line) as { event?: string; data?: unknown; ok?: boolean; error?: string };
+        if (m.event === undefined) {
+          if (m.ok === false) {
+            console.error(`mpq ctl: events: ${m.error}`);
+            return 1;
+          }
+          continue; // the subscribe reply
+        }
+        console.log(json ? line : `${new Date().toISOString()} ${m.event} ${JSON.stringify(m.data)}`);
+      }
+    }
+    return 0;
+  } finally {
+    try {
+      conn.close();
+    } catch { /* closed by the server */ }
+  }
 }

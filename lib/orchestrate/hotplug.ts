@@ -38,6 +38,8 @@ export interface HotplugContext {
   /** The VM's QEMU binary (for remote processes). */
   qemu: string;
   log: (line: string) => void;
+  /** A device was added or removed (control-socket events). */
+  changed?: (what: "added" | "removed", id: string) => void;
 }
 
 /** A device added while the VM runs: what to undo to remove it. */
@@ -278,6 +280,7 @@ export class Hotplug {
     this.#ids.add(device.id);
     this.#plugged.set(device.id, p);
     this.#ctx.log(`added ${device.type} ${device.id}`);
+    this.#ctx.changed?.("added", device.id);
     return device;
   }
 
@@ -342,6 +345,7 @@ export class Hotplug {
     this.#plugged.delete(id);
     this.#ids.delete(id);
     this.#ctx.log(`removed ${p.device.type} ${id}`);
+    this.#ctx.changed?.("removed", id);
   }
 
   /** Connects to a back-end socket and gives QEMU the connected fd under `name`. */

@@ -40,6 +40,8 @@ export interface RunningChild {
   stopping: boolean;
   /** Reaps the child now if it has exited (resolving `exited`); null while it runs. */
   check(): ExitStatus | null;
+  /** performance.now() when it was started. */
+  startedAt: number;
 }
 
 /** Options for a Vm. */
@@ -325,7 +327,14 @@ export class Vm {
       if (!child.stopping && !this.#stopped) this.#opts.onUnexpectedExit?.(child, st);
       return st;
     };
-    const child: RunningChild = { planned: p, process, exited, stopping: false, check };
+    const child: RunningChild = {
+      planned: p,
+      process,
+      exited,
+      stopping: false,
+      check,
+      startedAt: performance.now(),
+    };
     const watch = this.#reactor.add(process.pidfd, { readable: true }, () => void check());
     this.children.push(child);
     this.#release(p);

@@ -102,8 +102,13 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
     log: options.log,
     stopTimeoutMs: options.stopTimeoutMs,
     onUnexpectedExit: (child, status) => {
+      const exited = { name: child.planned.name, pid: child.process.pid, status: status.text };
       // A back-end the topology lets restart (QEMU reconnects to it): the VM goes on.
-      if (!settling && vm.restart(child, status)) return;
+      if (!settling && vm.restart(child, status)) {
+        control?.publish("restarted", exited);
+        return;
+      }
+      control?.publish("exited", exited);
       exits.push({ child, status });
       if (settling) return;
       settling = true;
@@ -131,6 +136,7 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
       self: options.hotplug.self,
       qemu: options.hotplug.qemu,
       log: (l) => options.log(`[${vm.elapsed()}s] ${"hotplug".padEnd(14)} ${l}`),
+      changed: (what, id) => control?.publish(what, { id }),
     }, options.hotplug.ids)
     : null;
   const control = options.controlPath
@@ -180,6 +186,9 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
     let end: End;
     if (first === null) {
       guestRunning = true;
+      control?.publish("running", { processes: vm.children.length });
+      // QEMU's own events (SHUTDOWN, STOP, RESUME, DEVICE_DELETED, MIGRATION, ...) for subscribers.
+      vm.qmp?.onEvent((e) => control?.publish("qmp", e));
       notify(`READY=1\nSTATUS=guest running (${vm.children.length} processes)`);
       options.log(
         `[${vm.elapsed()}s] ${"running".padEnd(14)} ${vm.children.length} process${
@@ -231,6 +240,7 @@ export async function runPlan(plan: Plan, options: RunOptions): Promise<number> 
     }
   } finally {
     notify(`STOPPING=1\nSTATUS=stopping (exit ${code})`);
+    control?.publish("stopping", { code });
     control?.close();
     await vm.stop();
     if (starting) await starting.catch(() => {});
@@ -260,23 +270,34 @@ function openControl(path: string, reactor: Reactor, vm: Vm, h: ControlHooks): C
   return new ControlServer(path, {
     reactor,
     log: h.log,
+    name: "mpq orchestrate",
+    events: true,
     commands: {
       status: async () => {
         let guest: unknown = null;
         if (vm.qmp) {
           guest = await vm.qmp.execute("query-status").catch((e) => ({ error: (e as Error).message }));
         }
+        const socketOf = (resource: string) => {
+          const r = vm.plan.resources.find((x) => x.id === resource);
+          return r?.kind === "listen" ? r.path : r ? `socketpair ${r.id}` : resource;
+        };
         return {
           name: vm.plan.name,
           elapsed: Number(vm.elapsed()),
           guest,
           migrating: h.isMigrating(),
+          qmp: vm.plan.qmp.operatorSocket,
+          control: path,
+          added: h.hotplug?.added ?? [],
           processes: vm.children.map((c) => ({
             name: c.planned.name,
             role: c.planned.role,
             pid: c.process.pid,
             state: c.check() ? "exited" : c.stopping ? "stopping" : "running",
+            uptime: Number(((performance.now() - c.startedAt) / 1000).toFixed(2)),
             restarts: vm.restarts(c.planned.name),
+            sockets: c.planned.fds.map((f) => `fd ${f.fd}: ${socketOf(f.resource)}`),
           })),
         };
       },

@@ -123,6 +123,8 @@ export interface Topology {
   afterStart: QmpStep[];
   /** A second QMP monitor for operators (`mpq qmp PATH ...`), listening at this path. */
   qmpSocket?: string;
+  /** The control socket (`mpq ctl PATH ...`; default: control.sock in the runtime directory). */
+  control?: string;
   extraArgs: string[];
   devices: Device[];
 }
@@ -513,6 +515,7 @@ const TOP_FIELDS = [
   "steps",
   "afterStart",
   "qmpSocket",
+  "control",
   "extraArgs",
   "devices",
 ] as const;
@@ -561,7 +564,7 @@ export function validateTopology(input: unknown): Topology {
     extraArgs: strArray(o, "extraArgs", ""),
     devices: [],
   };
-  for (const k of ["kernel", "initrd", "append", "debugcon", "qmpSocket"] as const) {
+  for (const k of ["kernel", "initrd", "append", "debugcon", "qmpSocket", "control"] as const) {
     const v = str(o, k, "", k === "append" ? "a kernel command line" : "a string path");
     if (v !== undefined) t[k] = v;
   }

@@ -20,7 +20,17 @@ export interface ControlOptions {
   commands: Readonly<Record<string, ControlCommand>>;
   /** Diagnostics (default console.error). */
   log?: (line: string) => void;
+  /** What its log lines start with (default "mpq vhost"). */
+  name?: string;
+  /**
+   * Offer `subscribe`: that connection then also gets every {@link ControlServer.publish}ed event,
+   * one line each, `{"event": NAME, "data": ...}`, between the replies.
+   */
+  events?: boolean;
 }
+
+/** A subscriber whose unsent events pass this many bytes is too slow: it is disconnected. */
+export const MAX_EVENT_BACKLOG = 1 << 20;
 
 /**
  * @example
@@ -64,6 +74,11 @@ export class ControlServer {
     });
   }
 
+  /** Sends an event to every connection that subscribed. */
+  publish(event: string, data: unknown = null): void {
+    for (const c of this.#conns) c.event(event, data);
+  }
+
   /** Closes every connection and the socket (its path is removed). */
   close(): void {
     for (const c of this.#conns) c.close();
@@ -80,6 +95,8 @@ class ControlConnection {
   #in = new Uint8Array(4096);
   #inLen = 0;
   #out: Uint8Array[] = [];
+  #outBytes = 0;
+  #subscribed = false;
   #busy = false;
   #closed = false;
   readonly #buf = new Uint8Array(4096);
@@ -100,7 +117,7 @@ class ControlConnection {
   }
 
   #log(line: string): void {
-    (this.#opts.log ?? ((l) => console.error(l)))(`mpq vhost: ${line}`);
+    (this.#opts.log ?? ((l) => console.error(l)))(`${this.#opts.name ?? "mpq vhost"}: ${line}`);
   }
 
   #read(): void {
@@ -160,6 +177,10 @@ class ControlConnection {
       return this.#send({ id, ok: false, error: "args: expected a JSON object" });
     }
     const commands = this.#opts.commands;
+    if (cmd === "subscribe" && this.#opts.events) {
+      this.#subscribed = true;
+      return this.#send({ id, ok: true, result: { subscribed: true } });
+    }
     if (!Object.hasOwn(commands, cmd)) {
       return this.#send({
         id,
@@ -184,9 +205,24 @@ class ControlConnection {
     });
   }
 
+  /** An event for a subscribed connection (others ignore it). */
+  event(name: string, data: unknown): void {
+    if (!this.#subscribed || this.#closed) return;
+    if (this.#outBytes > MAX_EVENT_BACKLOG) {
+      this.#log(
+        `control connection: a subscriber left ${this.#outBytes} bytes of events unread: disconnected`,
+      );
+      this.close();
+      return;
+    }
+    this.#send({ event: name, data });
+  }
+
   #send(reply: unknown): void {
     if (this.#closed) return;
-    this.#out.push(new TextEncoder().encode(JSON.stringify(reply) + "\n"));
+    const line = new TextEncoder().encode(JSON.stringify(reply) + "\n");
+    this.#out.push(line);
+    this.#outBytes += line.byteLength;
     this.#flush();
   }
 
@@ -197,6 +233,7 @@ class ControlConnection {
         this.#watch.modify({ readable: true, writable: true });
         return;
       }
+      this.#outBytes -= n;
       if (n < this.#out[0].byteLength) this.#out[0] = this.#out[0].subarray(n);
       else this.#out.shift();
     }

@@ -60,12 +60,15 @@ const GUEST = [
   // A remote lsi53c895a appears on the PCI bus.
   `i=0; while ! grep -qx 0x0012 /sys/bus/pci/devices/*/device 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done`,
   `grep -lx 0x0012 /sys/bus/pci/devices/*/device >/dev/null 2>&1 && mark lsi yes || mark lsi no`,
+  // An ivshmem-doorbell (1af4:1110) appears.
+  `i=0; while ! grep -qx 0x1110 /sys/bus/pci/devices/*/device 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done`,
+  `grep -lx 0x1110 /sys/bus/pci/devices/*/device >/dev/null 2>&1 && mark ivshmem yes || mark ivshmem no`,
   `sleep 120`, // the host checks the VM while it still runs, then stops it
 ].join("\n");
 
 Deno.test({
   name:
-    "orchestrate hot-plug e2e: a running guest sees an mpq vhost-user-blk disk appear, uses it, sees it go; then a remote lsi53c895a appears",
+    "orchestrate hot-plug e2e: a running guest sees an mpq vhost-user-blk disk appear, uses it, sees it go; then a remote lsi53c895a and an ivshmem device appear",
   ignore: !guestAvailable(),
   async fn() {
     using dir = tempDir("mpq-hotplug-");
@@ -117,6 +120,15 @@ Deno.test({
     assert.equal(lsi.code, 0, `${lsi.err}\n${run.report()}`);
     assert.equal(await marker(consoleFile, "lsi", run), "yes");
     assert.match((await ctl([control, "status"])).out, /remote lsi9\tremote\t\d+\trunning/);
+
+    const ivs = await ctl([
+      control,
+      "add",
+      JSON.stringify({ type: "ivshmem", id: "ivs9", vectors: 2, server: { mpq: { size: "1M" } } }),
+    ]);
+    assert.equal(ivs.code, 0, `${ivs.err}\n${run.report()}`);
+    assert.equal(await marker(consoleFile, "ivshmem", run), "yes");
+    assert.match((await ctl([control, "status"])).out, /ivshmem ivs9\tivshmem\t\d+\trunning/);
   },
 });
 

@@ -279,7 +279,10 @@ Deno.test("mpq ctl: bad usage and an unreachable socket exit 1 naming what was w
   for (
     const [args, message] of [
       [[], /SOCKET and COMMAND are required/],
-      [["/tmp/x.sock", "launch"], /unknown command "launch" \(status, add, remove, qmp, stop, migrate\)/],
+      [
+        ["/tmp/x.sock", "launch"],
+        /unknown command "launch" \(status, events, add, remove, qmp, stop, migrate\)/,
+      ],
       [["/tmp/x.sock", "migrate"], /migrate takes one URI/],
       [["/tmp/x.sock", "migrate", "fd:3"], /migrate: expected tcp:HOST:PORT/],
       [["/nonexistent/ctl.sock", "status"], /\/nonexistent\/ctl\.sock: cannot connect/],
