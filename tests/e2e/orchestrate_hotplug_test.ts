@@ -129,6 +129,14 @@ Deno.test({
     assert.equal(ivs.code, 0, `${ivs.err}\n${run.report()}`);
     assert.equal(await marker(consoleFile, "ivshmem", run), "yes");
     assert.match((await ctl([control, "status"])).out, /ivshmem ivs9\tivshmem\t\d+\trunning/);
+
+    // Unplug both: the guest releases them (ACPI), their processes go.
+    for (const id of ["lsi9", "ivs9"]) {
+      const gone = await ctl([control, "remove", id]);
+      assert.equal(gone.code, 0, `${gone.err}\n${run.report()}`);
+    }
+    const after = (await ctl([control, "status"])).out;
+    assert.doesNotMatch(after, /lsi9|ivs9/);
   },
 });
 
