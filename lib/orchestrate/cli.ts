@@ -29,9 +29,10 @@ Options:
   --dry-run        print the launch plan (processes, argv, fds, start order, QMP steps); start nothing
   --json           with --dry-run: the plan as JSON
   --stop-timeout MS  bound for each teardown stage (QMP quit, SIGTERM) before the next (default 5000)
-  --incoming URI   be a live migration's destination (tcp:HOST:PORT or unix:PATH): the back-ends
-                   start, QEMU waits with -incoming, the guest runs once the source migrated it
-                   (the source: mpq ctl CONTROL-SOCKET migrate URI)
+  --incoming URI   be a live migration's destination (tcp:HOST:PORT or unix:PATH, where QEMU
+                   listens; mpq-unix:PATH, where mpq listens and hands QEMU the connection): the
+                   back-ends start, QEMU waits with -incoming, the guest runs once the source migrated
+                   it (the source: mpq ctl CONTROL-SOCKET migrate tcp:... or unix:PATH)
   -h, --help       this text
 
 The control socket (printed at start, in the runtime directory) takes \`mpq ctl SOCKET status\` and
@@ -140,7 +141,7 @@ export async function main(args: string[]): Promise<number> {
   const incoming = v.incoming;
   const blockers = migrationBlockers(makeTopology(`${tmpBase()}/mpq-X`));
   if (incoming !== undefined) {
-    const problem = incomingProblem(incoming);
+    const problem = incomingProblem(incoming, true);
     if (problem) throw new UsageError(`--incoming: ${problem}`, ORCHESTRATE_USAGE);
     if (v.demo) throw new UsageError("--incoming goes with a topology file, not --demo", ORCHESTRATE_USAGE);
     const t = makeTopology(`${tmpBase()}/mpq-X`);

@@ -15,7 +15,7 @@
 import { connectUnix } from "../../ffi/mod.ts";
 import { controlRequest } from "../cli/control_client.ts";
 import { isListening, type RunningChild, type Vm } from "./launch.ts";
-import type { PlannedProcess, Resource } from "./plan.ts";
+import { ivshmemProcess, remoteProcess, type Resource } from "./plan.ts";
 import type { QmpClient } from "./qmp.ts";
 import { type Device, validateTopology } from "./topology.ts";
 
@@ -184,36 +184,7 @@ export class Hotplug {
       case "remote": {
         const pair = `remote-${device.id}`;
         p.resources.push({ id: pair, kind: "socketpair", purpose: `proxy <-> remote ${device.id}` });
-        const argv = [
-          device.qemu ?? this.#ctx.qemu,
-          "-machine",
-          "x-remote",
-          "-nodefaults",
-          "-display",
-          "none",
-        ];
-        argv.push("-device", `${device.device},id=${device.id}`);
-        device.drives.forEach((drv, i) => {
-          argv.push("-drive", `id=${device.id}-drive${i},file=${drv.file},format=${drv.format},if=none`);
-          argv.push(
-            "-device",
-            `scsi-hd,id=${device.id}-hd${i},drive=${device.id}-drive${i},bus=${device.id}.0,scsi-id=${i}`,
-          );
-        });
-        argv.push(
-          "-object",
-          `x-remote-object,id=robj-${device.id},devid=${device.id},fd=3`,
-          ...device.extraArgs,
-        );
-        const planned: PlannedProcess = {
-          name: `remote ${device.id}`,
-          role: "remote",
-          argv,
-          env: {},
-          fds: [{ fd: 3, resource: pair, end: 1 }],
-          ready: { kind: "started", reason: "its socketpair end is connected before it starts" },
-          ownProcessGroup: true,
-        };
+        const planned = remoteProcess(device, this.#ctx.qemu, pair);
         p.child = await step(
           "starting the remote process",
           () => this.#ctx.vm.addProcess(planned, p.resources),
@@ -237,27 +208,13 @@ export class Hotplug {
           path = device.server.socket;
         } else {
           path = `${dir}/ivshmem-${device.id}.sock`;
-          const planned: PlannedProcess = {
-            name: `ivshmem ${device.id}`,
-            role: "ivshmem",
-            argv: [
-              ...this.#ctx.self,
-              "ivshmem",
-              "-F",
-              "-S",
-              path,
-              "-m",
-              "/dev/shm",
-              "-l",
-              device.server.mpq.size,
-              "-n",
-              String(device.vectors),
-            ],
-            env: {},
-            fds: [],
-            ready: { kind: "listening", path },
-            ownProcessGroup: true,
-          };
+          const planned = ivshmemProcess(
+            device.id,
+            device.server.mpq.size,
+            device.vectors,
+            path,
+            this.#ctx.self,
+          );
           p.child = await step("starting the ivshmem server", () => this.#ctx.vm.addProcess(planned, []));
         }
         await step("chardev-add", async () => {

@@ -19,6 +19,7 @@ import {
   unlinkPath,
 } from "../../ffi/mod.ts";
 import { matchesExpectation, QmpClient, QmpError, type QmpGreeting, QmpProtocolError } from "./qmp.ts";
+import { MPQ_UNIX_PREFIX } from "./migration.ts";
 import { withParentDeathSignal } from "./pdeathsig.ts";
 import type { Plan, PlannedProcess, PlannedQmpCommand, Resource } from "./plan.ts";
 
@@ -509,6 +510,7 @@ export class Vm {
   async #migratedIn(uri: string): Promise<void> {
     this.#log("qmp incoming", `waiting for the migration on ${uri}`);
     const qmp = this.#qmp!;
+    if (uri.startsWith(MPQ_UNIX_PREFIX)) await this.#acceptMigration(uri.slice(MPQ_UNIX_PREFIX.length), qmp);
     let announced = false;
     while (!this.#stopped) {
       const st = await qmp.execute("query-status") as { status?: string };
@@ -521,6 +523,39 @@ export class Vm {
     }
     if (this.#stopped) throw new LaunchError("the VM was torn down before the migration came in");
     this.#log("qmp incoming", "migration completed: guest running");
+  }
+
+  /**
+   * `mpq-unix:PATH`: mpq listens on PATH (mode 0600) and hands QEMU (started with `-incoming defer`)
+   * the source's connection: `getfd`, then `migrate-incoming fd:NAME`. QEMU needs no access to PATH.
+   */
+  async #acceptMigration(path: string, qmp: QmpClient): Promise<void> {
+    const listener = listenUnix(path, { mode: 0o600 });
+    this.#createdPaths.push(path);
+    try {
+      const sock = await new Promise<UnixSocket>((resolve, reject) => {
+        const watch = this.#reactor.add(listener.fd, { readable: true }, () => {
+          try {
+            const s = listener.accept();
+            if (!s) return;
+            watch.remove();
+            resolve(s);
+          } catch (e) {
+            watch.remove();
+            reject(e);
+          }
+        });
+      });
+      try {
+        await qmp.execute("getfd", { fdname: "migration" }, { fds: [sock.fd.dup()] });
+      } finally {
+        sock.close();
+      }
+      this.#log("qmp incoming", `the source connected: migrate-incoming fd:migration`);
+      await qmp.execute("migrate-incoming", { uri: "fd:migration" });
+    } finally {
+      listener.close();
+    }
   }
 
   async #stopChild(c: RunningChild, bound: number): Promise<void> {

@@ -49,15 +49,31 @@ export function migrationBlockers(t: Topology): string[] {
   return out;
 }
 
-/** Checks an `-incoming` URI: `tcp:HOST:PORT` or `unix:PATH`; returns an error text or null. */
-export function incomingProblem(uri: string): string | null {
+/**
+ * `--incoming mpq-unix:PATH`: mpq, not QEMU, listens on PATH and hands QEMU the source's connection
+ * (QEMU starts with `-incoming defer`).
+ */
+export const MPQ_UNIX_PREFIX = "mpq-unix:";
+
+/**
+ * Checks a destination URI: `tcp:HOST:PORT` or `unix:PATH` (QEMU listens), or with `mpqListens`
+ * also `mpq-unix:PATH` (mpq listens); returns an error text or null.
+ */
+export function incomingProblem(uri: string, mpqListens = false): string | null {
+  if (mpqListens && uri.startsWith(MPQ_UNIX_PREFIX)) {
+    return /^\/\S+$/.test(uri.slice(MPQ_UNIX_PREFIX.length))
+      ? null
+      : `mpq-unix: needs an absolute path: got ${JSON.stringify(uri)}`;
+  }
   const tcp = /^tcp:(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(uri);
   if (tcp) {
     const port = Number(tcp[2]);
     return port >= 1 && port <= 65535 ? null : `port ${port} is not 1..65535`;
   }
   if (/^unix:\/\S+$/.test(uri)) return null;
-  return `expected tcp:HOST:PORT or unix:/ABSOLUTE/PATH: got ${JSON.stringify(uri)}`;
+  return `expected tcp:HOST:PORT or unix:/ABSOLUTE/PATH${
+    mpqListens ? " or mpq-unix:/ABSOLUTE/PATH" : ""
+  }: got ${JSON.stringify(uri)}`;
 }
 
 /** How a finished migration went (query-migrate's figures). */

@@ -72,3 +72,17 @@ Deno.test("plan with --incoming: QEMU waits with -incoming URI, no cont, the pla
   assert.ok(!plan.qmp.startup.some((c) => c.execute === "cont"));
   assert.equal(planTopology(t, { runtimeDir: "/tmp/mpq-x", self: ["mpq"] }).incoming, undefined);
 });
+
+Deno.test("migration mpq-unix: accepted for a destination only, where QEMU waits with -incoming defer", () => {
+  assert.equal(incomingProblem("mpq-unix:/run/mpq/m.sock", true), null);
+  assert.match(
+    incomingProblem("mpq-unix:/run/mpq/m.sock")!,
+    /expected tcp:HOST:PORT or unix:\/ABSOLUTE\/PATH: got/,
+  );
+  assert.match(incomingProblem("mpq-unix:rel.sock", true)!, /mpq-unix: needs an absolute path/);
+  const t = validateTopology({});
+  const plan = planTopology(t, { runtimeDir: "/tmp/mpq-x", self: ["mpq"], incoming: "mpq-unix:/tmp/m.sock" });
+  const argv = plan.processes.find((p) => p.role === "qemu")!.argv;
+  assert.equal(argv[argv.indexOf("-incoming") + 1], "defer");
+  assert.equal(plan.incoming, "mpq-unix:/tmp/m.sock");
+});

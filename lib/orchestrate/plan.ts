@@ -3,7 +3,14 @@
  * readiness checks, QMP sequence). Nothing here touches the system; launch.ts executes a plan.
  * @module
  */
-import { type Drive, type QmpStep, RESTART_LIMIT, RESTART_WINDOW_MS, type Topology } from "./topology.ts";
+import {
+  type Drive,
+  type QmpStep,
+  type RemoteDevice,
+  RESTART_LIMIT,
+  RESTART_WINDOW_MS,
+  type Topology,
+} from "./topology.ts";
 import { type DeviceSpec, formatDeviceArg } from "../vhost/device_spec.ts";
 
 /** What the planner needs besides the topology (all plain values, so planning stays pure). */
@@ -141,6 +148,49 @@ function qmpCommands(steps: QmpStep[], label: string): PlannedQmpCommand[] {
 }
 
 /**
+ * The `-machine x-remote` QEMU process of a remote device, its end of socketpair `pair` at fd 3
+ * (at start, and for hot-plug).
+ */
+export function remoteProcess(d: RemoteDevice, qemu: string, pair: string): PlannedProcess {
+  const argv = [d.qemu ?? qemu, "-machine", "x-remote", "-nodefaults", "-display", "none"];
+  argv.push("-device", `${d.device},id=${d.id}`);
+  d.drives.forEach((drv, i) => {
+    argv.push("-drive", `id=${d.id}-drive${i},${driveOpts(drv, ",if=none")}`);
+    argv.push("-device", `scsi-hd,id=${d.id}-hd${i},drive=${d.id}-drive${i},bus=${d.id}.0,scsi-id=${i}`);
+  });
+  argv.push("-object", `x-remote-object,id=robj-${d.id},devid=${d.id},fd=3`, ...d.extraArgs);
+  return {
+    name: `remote ${d.id}`,
+    role: "remote",
+    argv,
+    env: {},
+    fds: [{ fd: 3, resource: pair, end: 1 }],
+    ready: { kind: "started", reason: "its socketpair end is connected before it starts" },
+    ownProcessGroup: true,
+  };
+}
+
+/** An mpq ivshmem server for device `id`, listening at `path` (at start, and for hot-plug). */
+export function ivshmemProcess(
+  id: string,
+  size: string,
+  vectors: number,
+  path: string,
+  self: readonly string[],
+): PlannedProcess {
+  return {
+    name: `ivshmem ${id}`,
+    role: "ivshmem",
+    // A file in /dev/shm, unlinked at once: nothing is left behind even after SIGKILL.
+    argv: [...self, "ivshmem", "-F", "-S", path, "-m", "/dev/shm", "-l", size, "-n", String(vectors)],
+    env: {},
+    fds: [],
+    ready: { kind: "listening", path },
+    ownProcessGroup: true,
+  };
+}
+
+/**
  * Turns a topology into a launch plan. Pure: same input, same plan.
  * @example
  * ```ts
@@ -184,25 +234,7 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
         const fd = nextQemuFd++;
         qemuFds.push({ fd, resource: pair, end: 0 });
         qemuDevArgs.push("-device", `x-pci-proxy-dev,id=${d.id},fd=${fd}`);
-        const argv = [d.qemu ?? t.qemu, "-machine", "x-remote", "-nodefaults", "-display", "none"];
-        argv.push("-device", `${d.device},id=${d.id}`);
-        d.drives.forEach((drv, i) => {
-          argv.push("-drive", `id=${d.id}-drive${i},${driveOpts(drv, ",if=none")}`);
-          argv.push(
-            "-device",
-            `scsi-hd,id=${d.id}-hd${i},drive=${d.id}-drive${i},bus=${d.id}.0,scsi-id=${i}`,
-          );
-        });
-        argv.push("-object", `x-remote-object,id=robj-${d.id},devid=${d.id},fd=3`, ...d.extraArgs);
-        remotes.push({
-          name: `remote ${d.id}`,
-          role: "remote",
-          argv,
-          env: {},
-          fds: [{ fd: 3, resource: pair, end: 1 }],
-          ready: { kind: "started", reason: "its socketpair end is connected before it starts" },
-          ownProcessGroup: true,
-        });
+        remotes.push(remoteProcess(d, t.qemu, pair));
         break;
       }
       case "vhost-user": {
@@ -325,28 +357,7 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
           external.push({ path, purpose: `ivshmem server of ${d.id}` });
         } else {
           path = `${dir}/ivshmem-${d.id}.sock`;
-          ivshmemServers.push({
-            name: `ivshmem ${d.id}`,
-            role: "ivshmem",
-            argv: [
-              ...ctx.self,
-              "ivshmem",
-              "-F",
-              "-S",
-              path,
-              // A file in /dev/shm, unlinked at once: nothing is left behind even after SIGKILL.
-              "-m",
-              "/dev/shm",
-              "-l",
-              d.server.mpq.size,
-              "-n",
-              String(d.vectors),
-            ],
-            env: {},
-            fds: [],
-            ready: { kind: "listening", path },
-            ownProcessGroup: true,
-          });
+          ivshmemServers.push(ivshmemProcess(d.id, d.server.mpq.size, d.vectors, path, ctx.self));
         }
         qemuDevArgs.push("-chardev", `socket,id=chr-${d.id},path=${qemuOptValue(path)}`);
         qemuDevArgs.push("-device", `ivshmem-doorbell,id=${d.id},chardev=chr-${d.id},vectors=${d.vectors}`);
@@ -394,7 +405,8 @@ export function planTopology(t: Topology, ctx: PlanContext): Plan {
   for (const d of t.disks) q.push("-drive", driveOpts(d, ",if=virtio"));
   if (t.start === "paused" || t.start === "preconfig-paused") q.push("-S");
   if (t.start === "preconfig" || t.start === "preconfig-paused") q.push("--preconfig");
-  if (ctx.incoming) q.push("-incoming", ctx.incoming);
+  // mpq-unix:PATH: mpq listens and hands QEMU the connection (migrate-incoming fd:NAME).
+  if (ctx.incoming) q.push("-incoming", ctx.incoming.startsWith("mpq-unix:") ? "defer" : ctx.incoming);
   q.push(...qemuDevArgs, ...t.extraArgs);
 
   const startup: PlannedQmpCommand[] = [

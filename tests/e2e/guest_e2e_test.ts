@@ -18,7 +18,7 @@ Deno.test({
     assert.match(await guest.waitFor("booted"), /^\d+\.\d+/);
     assert.equal(
       await guest.waitFor("modules"),
-      "virtio virtio_blk virtio_pci virtio_pci_legacy_dev virtio_pci_modern_dev virtio_ring virtio_rng",
+      "fuse virtio virtio_blk virtio_pci virtio_pci_legacy_dev virtio_pci_modern_dev virtio_ring virtio_rng virtiofs",
     );
     assert.equal(await guest.waitFor("sum"), "42");
     assert.equal(await guest.waitFor("devtmpfs"), "yes");

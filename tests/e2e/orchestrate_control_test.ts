@@ -6,15 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { selfCommand } from "../../lib/cli/self.ts";
-import { MpqRun, qemuAvailable, tempDir, waitGone, writeTopology } from "./orchestrate_harness.ts";
-
-async function ctl(args: string[]): Promise<{ code: number; out: string; err: string }> {
-  const [exe, ...pre] = selfCommand();
-  const o = await new Deno.Command(exe, { args: [...pre, "ctl", ...args], stdout: "piped", stderr: "piped" })
-    .output();
-  const d = new TextDecoder();
-  return { code: o.code, out: d.decode(o.stdout), err: d.decode(o.stderr) };
-}
+import { mpqCtl, MpqRun, qemuAvailable, tempDir, waitGone, writeTopology } from "./orchestrate_harness.ts";
 
 Deno.test({
   name: "orchestrate control socket: status, events, QMP passthrough and stop, at the path the topology sets",
@@ -69,7 +61,7 @@ Deno.test({
     };
     await new Promise((r) => setTimeout(r, 300)); // subscribed
 
-    const st = JSON.parse((await ctl([control, "status", "--json"])).out).result;
+    const st = JSON.parse((await mpqCtl([control, "status", "--json"])).out).result;
     assert.equal(st.guest.status, "running");
     assert.equal(st.control, control);
     const vhost = st.processes.find((p: { role: string }) => p.role === "vhost");
@@ -79,7 +71,7 @@ Deno.test({
     assert.match(vhost.sockets.join(" "), /^fd 3: \/\S+\/mpq-ctl-\w+\/vhost-vblk0\.sock$/);
 
     // A device added: an event; a back-end killed: restarted, an event.
-    const added = await ctl([
+    const added = await mpqCtl([
       control,
       "add",
       JSON.stringify({ type: "vhost-user-rng", id: "rng9", backend: { mpq: {} } }),
@@ -88,20 +80,20 @@ Deno.test({
     await seen(/"event":"added","data":\{"id":"rng9"\}/);
     Deno.kill(run.pids.get("vhost vblk0")!, "SIGKILL");
     await seen(/"event":"restarted","data":\{"name":"vhost vblk0","pid":\d+,"status":"killed by SIGKILL"\}/);
-    const after = JSON.parse((await ctl([control, "status", "--json"])).out).result;
+    const after = JSON.parse((await mpqCtl([control, "status", "--json"])).out).result;
     assert.equal(after.processes.find((p: { name: string }) => p.name === "vhost vblk0").restarts, 1);
 
     // QMP passthrough, and QEMU's events relayed.
-    const stopped = await ctl([control, "qmp", "stop"]);
+    const stopped = await mpqCtl([control, "qmp", "stop"]);
     assert.equal(stopped.code, 0, stopped.err);
     await seen(/"event":"qmp","data":\{.*"event":"STOP"/);
-    assert.match((await ctl([control, "qmp", "query-status"])).out, /"status": "paused"/);
-    const bad = await ctl([control, "qmp", "no-such-command"]);
+    assert.match((await mpqCtl([control, "qmp", "query-status"])).out, /"status": "paused"/);
+    const bad = await mpqCtl([control, "qmp", "no-such-command"]);
     assert.equal(bad.code, 1);
     assert.match(bad.err, /CommandNotFound/);
 
     // stop: the VM goes down in order, exit 0; the follower sees it and ends.
-    const bye = await ctl([control, "stop"]);
+    const bye = await mpqCtl([control, "stop"]);
     assert.equal(bye.code, 0, bye.err);
     assert.equal((await run.status()).code, 0, run.report());
     await seen(/"event":"stopping","data":\{"code":0\}/);

@@ -184,3 +184,50 @@ export function qemuAvailable(): boolean {
     return false;
   }
 }
+
+/** Waits (bounded) until the console file matches `re`; returns the match (the report on failure). */
+export async function consoleMatch(
+  consoleFile: string,
+  re: RegExp,
+  what: string,
+  run: MpqRun,
+  boundMs = EVENT_BOUND_MS,
+): Promise<RegExpMatchArray> {
+  const deadline = Date.now() + boundMs;
+  let text = "";
+  while (Date.now() < deadline) {
+    try {
+      text = Deno.readTextFileSync(consoleFile).replaceAll("\r", "");
+    } catch { /* not written yet */ }
+    const m = text.match(re);
+    if (m) return m;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`${what} never appeared\n--- console ---\n${text.slice(-3000)}\n${run.report()}`);
+}
+
+/** Waits for `MPQ:name value` on the console file; returns the value. */
+export async function consoleMarker(consoleFile: string, name: string, run: MpqRun): Promise<string> {
+  return (await consoleMatch(consoleFile, new RegExp(`MPQ:${name}(?: (.*))?\\n`), `MPQ:${name}`, run))[1] ??
+    "";
+}
+
+/** Runs `mpq ctl ARGS...` to completion. */
+export async function mpqCtl(args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const [exe, ...pre] = selfCommand();
+  const o = await new Deno.Command(exe, { args: [...pre, "ctl", ...args], stdout: "piped", stderr: "piped" })
+    .output();
+  const d = new TextDecoder();
+  return { code: o.code, out: d.decode(o.stdout), err: d.decode(o.stderr) };
+}
+
+/** The control socket a run printed at its start. */
+export async function controlSocketOf(run: MpqRun): Promise<string> {
+  return (await run.waitFor(/\] control +mpq ctl (\S+) status/))[1];
+}
+
+/** SHA-256 of `data`, hex. */
+export async function sha256Hex(data: Uint8Array<ArrayBuffer>): Promise<string> {
+  const d = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
+  return [...d].map((b) => b.toString(16).padStart(2, "0")).join("");
+}

@@ -6,42 +6,18 @@
  * refuses, and an unplug the guest never acknowledges — each a clear error, nothing left behind.
  */
 import assert from "node:assert/strict";
-import { selfCommand } from "../../lib/cli/self.ts";
 import { controlRequest } from "../../lib/cli/control_client.ts";
 import { guestAvailable, kernelPath, writeInitrd } from "../helpers/guest.ts";
-import { MpqRun, qemuAvailable, tempDir, writeTopology } from "./orchestrate_harness.ts";
-
-async function ctl(args: string[]): Promise<{ code: number; out: string; err: string }> {
-  const [exe, ...pre] = selfCommand();
-  const o = await new Deno.Command(exe, { args: [...pre, "ctl", ...args], stdout: "piped", stderr: "piped" })
-    .output();
-  const d = new TextDecoder();
-  return { code: o.code, out: d.decode(o.stdout), err: d.decode(o.stderr) };
-}
-
-async function controlSocket(run: MpqRun): Promise<string> {
-  return (await run.waitFor(/\] control +mpq ctl (\S+) status/))[1];
-}
-
-async function marker(consoleFile: string, name: string, run: MpqRun): Promise<string> {
-  const deadline = Date.now() + 120_000;
-  let text = "";
-  const re = new RegExp(`MPQ:${name}(?: (.*))?\\n`);
-  while (Date.now() < deadline) {
-    try {
-      text = Deno.readTextFileSync(consoleFile).replaceAll("\r", "");
-    } catch { /* not yet */ }
-    const m = text.match(re);
-    if (m) return m[1] ?? "";
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`MPQ:${name} never appeared\n--- console ---\n${text.slice(-3000)}\n${run.report()}`);
-}
-
-async function sha256(data: Uint8Array<ArrayBuffer>): Promise<string> {
-  const d = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
-  return [...d].map((b) => b.toString(16).padStart(2, "0")).join("");
-}
+import {
+  consoleMarker,
+  controlSocketOf,
+  mpqCtl,
+  MpqRun,
+  qemuAvailable,
+  sha256Hex,
+  tempDir,
+  writeTopology,
+} from "./orchestrate_harness.ts";
 
 const GUEST = [
   `mark booted`,
@@ -89,53 +65,53 @@ Deno.test({
       }),
     ]);
     await run.waitFor(/\] running +1 process/);
-    const control = await controlSocket(run);
-    await marker(consoleFile, "booted", run);
+    const control = await controlSocketOf(run);
+    await consoleMarker(consoleFile, "booted", run);
 
-    const added = await ctl([
+    const added = await mpqCtl([
       control,
       "add",
       JSON.stringify({ type: "vhost-user-blk", id: "hp0", backend: { mpq: { file: disk } } }),
     ]);
     assert.equal(added.code, 0, `${added.err}\n${run.report()}`);
     assert.equal(added.out.trim(), "added vhost-user-blk hp0");
-    assert.equal(await marker(consoleFile, "disk", run), String((8 << 20) / 512));
-    assert.equal(await marker(consoleFile, "rw", run), "same");
-    const sha = await marker(consoleFile, "sha", run);
-    assert.equal(await sha256(Deno.readFileSync(disk).slice(0, 256 << 10)), sha, "the host file holds it");
-    const st = await ctl([control, "status"]);
+    assert.equal(await consoleMarker(consoleFile, "disk", run), String((8 << 20) / 512));
+    assert.equal(await consoleMarker(consoleFile, "rw", run), "same");
+    const sha = await consoleMarker(consoleFile, "sha", run);
+    assert.equal(await sha256Hex(Deno.readFileSync(disk).slice(0, 256 << 10)), sha, "the host file holds it");
+    const st = await mpqCtl([control, "status"]);
     assert.match(st.out, /vhost \(hot-plug\)\tvhost\t\d+\trunning/);
 
-    const removed = await ctl([control, "remove", "hp0"]);
+    const removed = await mpqCtl([control, "remove", "hp0"]);
     assert.equal(removed.code, 0, removed.err);
-    assert.equal(await marker(consoleFile, "gone", run), "yes");
-    const chardevs = await ctl([control, "qmp", "query-chardev"]);
+    assert.equal(await consoleMarker(consoleFile, "gone", run), "yes");
+    const chardevs = await mpqCtl([control, "qmp", "query-chardev"]);
     assert.doesNotMatch(chardevs.out, /chr-hp0/, "its chardev is gone");
 
-    const lsi = await ctl([
+    const lsi = await mpqCtl([
       control,
       "add",
       JSON.stringify({ type: "remote", id: "lsi9", device: "lsi53c895a" }),
     ]);
     assert.equal(lsi.code, 0, `${lsi.err}\n${run.report()}`);
-    assert.equal(await marker(consoleFile, "lsi", run), "yes");
-    assert.match((await ctl([control, "status"])).out, /remote lsi9\tremote\t\d+\trunning/);
+    assert.equal(await consoleMarker(consoleFile, "lsi", run), "yes");
+    assert.match((await mpqCtl([control, "status"])).out, /remote lsi9\tremote\t\d+\trunning/);
 
-    const ivs = await ctl([
+    const ivs = await mpqCtl([
       control,
       "add",
       JSON.stringify({ type: "ivshmem", id: "ivs9", vectors: 2, server: { mpq: { size: "1M" } } }),
     ]);
     assert.equal(ivs.code, 0, `${ivs.err}\n${run.report()}`);
-    assert.equal(await marker(consoleFile, "ivshmem", run), "yes");
-    assert.match((await ctl([control, "status"])).out, /ivshmem ivs9\tivshmem\t\d+\trunning/);
+    assert.equal(await consoleMarker(consoleFile, "ivshmem", run), "yes");
+    assert.match((await mpqCtl([control, "status"])).out, /ivshmem ivs9\tivshmem\t\d+\trunning/);
 
     // Unplug both: the guest releases them (ACPI), their processes go.
     for (const id of ["lsi9", "ivs9"]) {
-      const gone = await ctl([control, "remove", id]);
+      const gone = await mpqCtl([control, "remove", id]);
       assert.equal(gone.code, 0, `${gone.err}\n${run.report()}`);
     }
-    const after = (await ctl([control, "status"])).out;
+    const after = (await mpqCtl([control, "status"])).out;
     assert.doesNotMatch(after, /lsi9|ivs9/);
   },
 });
@@ -158,7 +134,7 @@ Deno.test({
       }),
     ]);
     await run.waitFor(/\] running +2 processes/);
-    const control = await controlSocket(run);
+    const control = await controlSocketOf(run);
     const vhostCtl = control.replace(/control\.sock$/, "vhost.ctl");
     const fdsOf = (pid: number) => [...Deno.readDirSync(`/proc/${pid}/fd`)].length;
     const vhostPid = run.pids.get("vhost vblk0")!;
@@ -166,19 +142,19 @@ Deno.test({
     // Warm up what the checks themselves use (a control connection to each, a QMP passthrough),
     // so that the counts compared are those of the devices alone.
     await controlRequest(vhostCtl, "list");
-    await ctl([control, "qmp", "query-chardev"]);
-    await ctl([control, "qmp", "closefd", JSON.stringify({ fdname: "none" })]);
+    await mpqCtl([control, "qmp", "query-chardev"]);
+    await mpqCtl([control, "qmp", "closefd", JSON.stringify({ fdname: "none" })]);
     const before = { vhost: fdsOf(vhostPid), qemu: fdsOf(qemuPid) };
     const nothingLeft = async (what: string) => {
       const devices = await controlRequest(vhostCtl, "list");
       assert.deepEqual((devices.result as Array<{ id: string }>).map((d) => d.id), ["vblk0"], what);
-      const chr = await ctl([control, "qmp", "query-chardev"]);
+      const chr = await mpqCtl([control, "qmp", "query-chardev"]);
       assert.doesNotMatch(chr.out, /chr-hp/, `${what}: no chardev left`);
       assert.deepEqual({ vhost: fdsOf(vhostPid), qemu: fdsOf(qemuPid) }, before, `${what}: no fd left`);
     };
 
     // 1. The back-end cannot open its image.
-    const missing = await ctl([
+    const missing = await mpqCtl([
       control,
       "add",
       JSON.stringify({
@@ -192,7 +168,7 @@ Deno.test({
     await nothingLeft("missing image");
 
     // 2. QEMU refuses the device: more queues than the back-end offers.
-    const refused = await ctl([
+    const refused = await mpqCtl([
       control,
       "add",
       JSON.stringify({
@@ -208,7 +184,7 @@ Deno.test({
     await nothingLeft("refused device_add");
 
     // 3. A bad device object is refused before anything happens, naming the field.
-    const bad = await ctl([
+    const bad = await mpqCtl([
       control,
       "add",
       JSON.stringify({ type: "vhost-user-blk", id: "hp3", backend: {} }),
@@ -217,7 +193,7 @@ Deno.test({
     assert.match(bad.err, /add: device\.backend: /);
 
     // 4. No guest OS acknowledges the unplug: a clear error after the timeout.
-    const ok = await ctl([
+    const ok = await mpqCtl([
       control,
       "add",
       JSON.stringify({ type: "vhost-user-rng", id: "hp4", backend: { mpq: {} } }),
@@ -226,7 +202,7 @@ Deno.test({
     const stuck = await controlRequest(control, "remove", { id: "hp4", timeoutMs: 1500 });
     assert.equal(stuck.ok, false);
     assert.match(stuck.error!, /remove hp4: the guest did not release it within 1\.5 s/);
-    const notMine = await ctl([control, "remove", "vblk0"]);
+    const notMine = await mpqCtl([control, "remove", "vblk0"]);
     assert.match(notMine.err, /only devices added with `add` can be removed/);
   },
 });

@@ -8,21 +8,15 @@ import assert from "node:assert/strict";
 import { RESTART_LIMIT } from "../../lib/orchestrate/topology.ts";
 import { guestAvailable, kernelPath, writeInitrd } from "../helpers/guest.ts";
 import { guestScript, makeMigrationDisk, writeStop } from "../helpers/migrate_guest.ts";
-import { alive, MpqRun, qemuAvailable, tempDir, waitGone, writeTopology } from "./orchestrate_harness.ts";
-
-async function marker(consoleFile: string, re: RegExp, what: string, run: MpqRun): Promise<RegExpMatchArray> {
-  const deadline = Date.now() + 120_000;
-  let text = "";
-  while (Date.now() < deadline) {
-    try {
-      text = Deno.readTextFileSync(consoleFile).replaceAll("\r", "");
-    } catch { /* not yet */ }
-    const m = text.match(re);
-    if (m) return m;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`${what} never appeared\n--- console ---\n${text.slice(-3000)}\n${run.report()}`);
-}
+import {
+  alive,
+  consoleMatch,
+  MpqRun,
+  qemuAvailable,
+  tempDir,
+  waitGone,
+  writeTopology,
+} from "./orchestrate_harness.ts";
 
 Deno.test({
   name:
@@ -52,7 +46,7 @@ Deno.test({
       }),
     ]);
     await run.waitFor(/\] running +2 processes/);
-    await marker(consoleFile, /MPQ:round 1\n/, "the first round", run);
+    await consoleMatch(consoleFile, /MPQ:round 1\n/, "the first round", run);
     const first = run.pids.get("vhost vblk0")!;
     Deno.kill(first, "SIGKILL");
     const m = await run.waitFor(
@@ -61,11 +55,16 @@ Deno.test({
     const second = Number(m[1]);
     assert.ok(alive(second));
     const rounds = (Deno.readTextFileSync(consoleFile).match(/MPQ:round \d+/g) ?? []).length;
-    await marker(consoleFile, new RegExp(`MPQ:round ${rounds + 2}\\n`), "two rounds after the restart", run);
+    await consoleMatch(
+      consoleFile,
+      new RegExp(`MPQ:round ${rounds + 2}\\n`),
+      "two rounds after the restart",
+      run,
+    );
     const qemu = run.pids.get("qemu")!;
     assert.ok(alive(qemu), "QEMU kept running");
     writeStop(disk);
-    const result = await marker(consoleFile, /MPQ:result (\d+) (\d+)\n/, "the result", run);
+    const result = await consoleMatch(consoleFile, /MPQ:result (\d+) (\d+)\n/, "the result", run);
     assert.equal(Number(result[1]), 0, Deno.readTextFileSync(consoleFile).slice(-2000));
     await run.close();
     assert.deepEqual(await waitGone([qemu, second]), []);

@@ -8,7 +8,7 @@
 import assert from "node:assert/strict";
 import { guestAvailable, kernelPath, writeInitrd } from "../helpers/guest.ts";
 import { patternBytes } from "../helpers/vhost_backends.ts";
-import { MpqRun, tempDir, writeTopology } from "./orchestrate_harness.ts";
+import { consoleMarker, MpqRun, sha256Hex, tempDir, writeTopology } from "./orchestrate_harness.ts";
 
 const VIRTIOFSD = "/usr/lib/qemu/virtiofsd";
 
@@ -18,26 +18,6 @@ function have(path: string): boolean {
   } catch {
     return false;
   }
-}
-
-async function marker(consoleFile: string, name: string, run: MpqRun): Promise<string> {
-  const deadline = Date.now() + 120_000;
-  let text = "";
-  const re = new RegExp(`MPQ:${name}(?: (.*))?\\n`);
-  while (Date.now() < deadline) {
-    try {
-      text = Deno.readTextFileSync(consoleFile).replaceAll("\r", "");
-    } catch { /* not yet */ }
-    const m = text.match(re);
-    if (m) return m[1] ?? "";
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`MPQ:${name} never appeared\n--- console ---\n${text.slice(-3000)}\n${run.report()}`);
-}
-
-async function sha256(data: Uint8Array<ArrayBuffer>): Promise<string> {
-  const d = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
-  return [...d].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 Deno.test({
@@ -98,8 +78,8 @@ Deno.test({
     await run.waitFor(/\] running +3 processes/);
     assert.match(run.stdout, /vhost-user fs0 +pid \d+ started/);
     assert.match(run.stdout, /qsd q0 +pid \d+ started/);
-    assert.equal(await marker(consoleFile, "mounted", run), "yes");
-    assert.equal(await marker(consoleFile, "file", run), secret);
-    assert.equal(await marker(consoleFile, "qcow2", run), await sha256(data));
+    assert.equal(await consoleMarker(consoleFile, "mounted", run), "yes");
+    assert.equal(await consoleMarker(consoleFile, "file", run), secret);
+    assert.equal(await consoleMarker(consoleFile, "qcow2", run), await sha256Hex(data));
   },
 });
