@@ -10,7 +10,12 @@ import { selfCommand } from "../cli/self.ts";
 import { DEMO_INTRO, demoTopology, watchDemo } from "./demo.ts";
 import { incomingProblem, migrationBlockers } from "./migration.ts";
 import { formatPlan, planTopology } from "./plan.ts";
-import { descriptorDirs, pickDescriptor, readDescriptorFiles } from "./vhost_user_descriptors.ts";
+import {
+  descriptorDirs,
+  type DescriptorFile,
+  pickDescriptor,
+  readDescriptorFiles,
+} from "./vhost_user_descriptors.ts";
 import { QmpClient, QmpClosedError, QmpError } from "./qmp.ts";
 import { runPlan } from "./supervise.ts";
 import { parseTopology, type Topology, TopologyError } from "./topology.ts";
@@ -122,16 +127,19 @@ export async function main(args: string[]): Promise<number> {
     }
     makeTopology = () => topology;
   }
-  const name = makeTopology(`${tmpBase()}/mpq-X`).name;
+  // What the checks below need of the topology (the runtime directory only changes paths).
+  const probe = makeTopology(`${tmpBase()}/mpq-X`);
+  const name = probe.name;
   const self = selfCommand();
   // Installed vhost-user back-ends named by descriptor: resolved now, so planning reads no files.
   const descriptors: Record<string, string> = {};
-  makeTopology(`${tmpBase()}/mpq-X`).devices.forEach((d, i) => {
+  let descriptorFiles: DescriptorFile[] | null = null;
+  probe.devices.forEach((d, i) => {
     if (d.type !== "vhost-user" || !("descriptor" in d.backend)) return;
     const wanted = d.backend.descriptor;
+    descriptorFiles ??= readDescriptorFiles(descriptorDirs(Deno.env.toObject()));
     try {
-      descriptors[wanted] =
-        pickDescriptor(wanted, readDescriptorFiles(descriptorDirs(Deno.env.toObject()))).binary;
+      descriptors[wanted] = pickDescriptor(wanted, descriptorFiles).binary;
     } catch (e) {
       throw new InputError(
         `${pos[0] ?? "topology"}: devices[${i}].backend.descriptor: ${(e as Error).message}`,
@@ -139,15 +147,14 @@ export async function main(args: string[]): Promise<number> {
     }
   });
   const incoming = v.incoming;
-  const blockers = migrationBlockers(makeTopology(`${tmpBase()}/mpq-X`));
+  const blockers = migrationBlockers(probe);
   if (incoming !== undefined) {
     const problem = incomingProblem(incoming, true);
     if (problem) throw new UsageError(`--incoming: ${problem}`, ORCHESTRATE_USAGE);
     if (v.demo) throw new UsageError("--incoming goes with a topology file, not --demo", ORCHESTRATE_USAGE);
-    const t = makeTopology(`${tmpBase()}/mpq-X`);
-    if (t.start !== "run") {
+    if (probe.start !== "run") {
       throw new InputError(
-        `${pos[0]}: start: --incoming needs "run" (the guest runs once migrated in): got "${t.start}"`,
+        `${pos[0]}: start: --incoming needs "run" (the guest runs once migrated in): got "${probe.start}"`,
       );
     }
     if (blockers.length > 0) {

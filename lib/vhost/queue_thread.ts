@@ -271,12 +271,17 @@ export class QueueThread implements QueueHost {
 
   #call(request: Request): Promise<unknown> {
     if (this.#dead) return Promise.reject(this.#dead);
-    const seq = ++this.#seq;
     try {
-      this.#requests.send({ seq, ...request });
+      return this.#post(request);
     } catch (e) {
       return Promise.reject(e);
     }
+  }
+
+  /** Puts a request in the mailbox and wakes the thread; throws when the mailbox refuses it. */
+  #post(request: Request): Promise<unknown> {
+    const seq = ++this.#seq;
+    this.#requests.send({ seq, ...request });
     const p = new Promise((resolve, reject) => this.#pending.set(seq, { resolve, reject }));
     this.#wake.signal();
     return p;
@@ -306,34 +311,32 @@ export class QueueThread implements QueueHost {
       for (const f of owned) f.close();
       return Promise.reject(this.#dead);
     }
-    const fds = owned.map((f) => f.unsafeRelease());
     const request: Request = {
       op: "message",
       key,
       request: m.request,
       flags: m.flags,
       payload: [...m.payload],
-      fds,
+      fds: owned.map((f) => f.unsafeFd),
     };
-    return this.#call(request).then(
-      (r) => {
-        const out = r as WireOutcome;
-        return {
-          reply: out.reply ? new Uint8Array(out.reply) : undefined,
-          close: out.close,
-          failure: out.failure,
-        };
-      },
-      (e) => {
-        // A request the thread never read still owns its fds.
-        if ((e as Error).message.startsWith("mailbox")) {
-          for (const n of fds) {
-            OwnedFd.unsafeAdopt(n).close();
-          }
-        }
-        throw e;
-      },
-    );
+    let reply: Promise<unknown>;
+    try {
+      reply = this.#post(request);
+    } catch (e) {
+      // The thread never got it: the fds are still ours.
+      for (const f of owned) f.close();
+      return Promise.reject(e);
+    }
+    // In the mailbox: the thread adopts them now.
+    for (const f of owned) f.unsafeRelease();
+    return reply.then((r) => {
+      const out = r as WireOutcome;
+      return {
+        reply: out.reply ? new Uint8Array(out.reply) : undefined,
+        close: out.close,
+        failure: out.failure,
+      };
+    });
   }
 
   /** The front-end went away: the mirror's rings stop (after their in-flight requests completed). */
